@@ -1,0 +1,87 @@
+"""The training configuration: one frozen dataclass, its command-line parser and its validation."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class UserError(ValueError):
+    """A mistake the user can fix; reported as one line and a non-zero exit, never a traceback."""
+
+
+def _opt(default, help, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run is configured by; stored in every checkpoint."""
+
+    run_dir: str = _opt("runs/default", "run directory; checkpoints go to RUN_DIR/checkpoints/")
+    model: str = _opt("net", "'net' (the recipe's CIFAR-10 Net) or a torchvision classification model")
+    dataset: str = _opt("cifar10", "training data", choices=("cifar10", "fake"))
+    data_dir: str = _opt("data", "where CIFAR-10 lives (DATA_DIR/cifar-10-batches-py)")
+    download: bool = _opt(False, "download CIFAR-10 into --data-dir if missing (main rank only)")
+    fake_size: int = _opt(2048, "number of training images of --dataset fake (test split: a quarter)")
+    epochs: int = _opt(2, "number of passes over the training data")
+    batch_size: int = _opt(64, "batch size per rank")
+    lr: float = _opt(0.01, "peak learning rate of SGD")
+    lr_schedule: str = _opt("cosine", "per-step learning-rate schedule", choices=("cosine", "constant"))
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(0.0, "SGD weight decay")
+    seed: int = _opt(0, "seed of the model init, shuffling, augmentation and every rank's RNG")
+    num_workers: int = _opt(2, "DataLoader worker processes per rank")
+    save_every_steps: int = _opt(200, "save every N optimizer steps (0: only at epoch ends)")
+    keep: int = _opt(3, "number of newest checkpoints kept")
+    resume: str | None = _opt(None, "resume from this checkpoint file instead of the newest valid one", type=str)
+    amp: str = _opt("off", "mixed precision: bf16 autocast, or fp16 with a GradScaler (CUDA)",
+                    choices=("off", "bf16", "fp16"))
+    device: str = _opt("auto", "auto: cuda:LOCAL_RANK when CUDA is available, else cpu",
+                       choices=("auto", "cpu", "cuda"))
+    deterministic: bool = _opt(True, "deterministic CUDA kernels, needed for bit-exact resume on GPU")
+    eval: bool = _opt(True, "evaluate on the test split after each epoch")
+    log_every_steps: int = _opt(50, "log the training loss every N steps")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """An argparse parser generated from the Config fields, one flag per field."""
+    parser = argparse.ArgumentParser(
+        description="Train with DDP; relaunching the same command resumes bit-exactly.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+        else:
+            meta.setdefault("type", type(f.default))
+            parser.add_argument(flag, default=f.default, **meta)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Flags -> a validated Config; raises UserError on bad values."""
+    args = build_parser().parse_args(argv)
+    config = Config(**vars(args))
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Reject values that cannot train, before any process group exists."""
+    positive = ("epochs", "batch_size", "lr", "keep", "fake_size", "log_every_steps")
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    for name in ("num_workers", "save_every_steps", "weight_decay", "momentum"):
+        if getattr(config, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
+    from dist_train.models import check_model_name
+
+    check_model_name(config.model)

@@ -1,0 +1,79 @@
+"""The recipe's CIFAR-10 Net, torchvision classifiers by name, and unwrapping of DDP / torch.compile."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dist_train.config import UserError
+
+NUM_CLASSES = 10
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class Net(nn.Module):
+    """The network of PyTorch's CIFAR-10 tutorial and of the general-checkpoint recipe."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = x.flatten(1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+def torchvision_model_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def check_model_name(name: str) -> None:
+    if name != "net" and name not in torchvision_model_names():
+        raise UserError(f"unknown model {name!r}: use 'net' or a torchvision classification model "
+                        f"such as resnet18 (torchvision.models.list_models() names them)")
+
+
+def build_model(name: str) -> nn.Module:
+    """A freshly initialised model with NUM_CLASSES outputs."""
+    check_model_name(name)
+    if name == "net":
+        return Net()
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def strip_wrapper_prefixes(state_dict: dict) -> dict:
+    """Keys without the 'module.' (DDP) and '_orig_mod.' (torch.compile) prefixes."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        cleaned[key] = value
+    return cleaned

@@ -1,0 +1,156 @@
+"""What a resume needs beyond weights: counters, every rank's RNG streams, and the checkpoint dict."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dist_train.checkpoint import CheckpointError, FORMAT_VERSION, find_latest_valid, load_checkpoint, save_checkpoint
+from dist_train.config import UserError
+from dist_train.distributed import DistEnv, all_reduce_sum, barrier, broadcast_from_main, gather_to_main
+from dist_train.models import strip_wrapper_prefixes, unwrap
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """Where training stands. `epoch` is the epoch last trained in (the recipe's key)."""
+
+    epoch: int = 0
+    next_epoch: int = 0  # the epoch training continues in
+    next_batch: int = 0  # the batch of next_epoch training continues at (0: its start)
+    global_step: int = 0  # optimizer steps taken so far
+
+
+@dataclass
+class Training:
+    """The objects whose state a checkpoint holds."""
+
+    model: torch.nn.Module  # possibly DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def capture_rng_state(device: torch.device) -> dict:
+    """This process's python, numpy, torch CPU and CUDA RNG states as tensors and plain values."""
+    version, py_state, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["gauss"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def build_checkpoint(training: Training, progress: Progress, loss: float,
+                     rng_states: list[dict], config: dict, world_size: int) -> dict:
+    """The general checkpoint of the recipe, plus everything an exact continuation needs."""
+    scaler = training.scaler
+    return {
+        # The recipe's keys: its own loading code works on this dict unchanged.
+        "model_state_dict": strip_wrapper_prefixes(unwrap(training.model).state_dict()),
+        "optimizer_state_dict": training.optimizer.state_dict(),
+        "epoch": progress.epoch,
+        "loss": loss,
+        # Exact continuation.
+        "format_version": FORMAT_VERSION,
+        "global_step": progress.global_step,
+        "next_epoch": progress.next_epoch,
+        "next_batch": progress.next_batch,
+        "scheduler_state_dict": training.scheduler.state_dict(),
+        "scaler_state_dict": scaler.state_dict() if scaler is not None else None,
+        "rng_states": rng_states,  # one per rank, in rank order
+        "world_size": world_size,
+        "config": config,
+        "torch_version": str(torch.__version__),  # TorchVersion is not a plain str
+    }
+
+
+def apply_checkpoint(checkpoint: dict, training: Training) -> Progress:
+    """Load model, optimizer, scheduler and scaler state; return where training continues."""
+    model = unwrap(training.model)
+    state = strip_wrapper_prefixes(checkpoint["model_state_dict"])
+    missing = sorted(set(model.state_dict()) - set(state))
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise UserError(f"the checkpoint holds another architecture than {type(model).__name__}: "
+                        f"missing keys {_few(missing)}, unexpected keys {_few(unexpected)}")
+    model.load_state_dict(state)
+    training.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+    training.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
+    if training.scaler is not None and checkpoint.get("scaler_state_dict"):
+        training.scaler.load_state_dict(checkpoint["scaler_state_dict"])
+    return Progress(checkpoint["epoch"], checkpoint["next_epoch"], checkpoint["next_batch"],
+                    checkpoint["global_step"])
+
+
+def _few(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit]) or "none"
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress: Progress,
+                        last_loss: float, config: dict, env: DistEnv) -> Path | None:
+    """Collective: every rank sends its RNG state, the main rank alone writes. Returns the path on the main rank."""
+    rng_states = gather_to_main(capture_rng_state(env.device), env)
+    (loss_sum,) = all_reduce_sum([last_loss], env)
+    path = None
+    if env.is_main:
+        checkpoint = build_checkpoint(training, progress, loss_sum / env.world_size, rng_states,
+                                      config, env.world_size)
+        path = save_checkpoint(checkpoint, ckpt_dir, keep)
+    barrier(env)  # no rank runs ahead (or reads, or prunes) while the main rank writes
+    return path
+
+
+def choose_resume_checkpoint(ckpt_dir: Path, explicit: str | None, env: DistEnv) -> dict | None:
+    """Collective: the main rank picks the file (explicit, else newest valid), every rank loads it
+    onto its own device. None for a fresh start."""
+    choice, problem = None, None
+    if env.is_main:
+        try:
+            if explicit:
+                choice = str(explicit)
+                load_checkpoint(Path(explicit), "cpu")  # fail here, on one rank, with a clear message
+            else:
+                found = find_latest_valid(ckpt_dir, "cpu")
+                choice = str(found[0]) if found else None
+        except CheckpointError as error:
+            problem = str(error)
+    choice, problem = broadcast_from_main((choice, problem), env)
+    if problem:
+        raise UserError(problem)
+    if choice is None:
+        return None
+    checkpoint = load_checkpoint(Path(choice), map_location=env.device)
+    log.info("resuming from %s (epoch %d, step %d)", choice, checkpoint["epoch"], checkpoint["global_step"])
+    if checkpoint["world_size"] != env.world_size:
+        raise UserError(f"{choice} was saved by {checkpoint['world_size']} ranks, this run has "
+                        f"{env.world_size}: the data order and RNG streams would not continue exactly")
+    return checkpoint
