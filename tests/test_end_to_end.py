@@ -1,0 +1,102 @@
+"""The three launches, evaluation, the recipe's own loading code, and the real CIFAR10 class."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.optim as optim
+
+from cifar_files import write_cifar10
+from conftest import REPO, SMALL_RUN, assert_same_training_state, newest_checkpoint, run
+
+EVALUATE = REPO / "launch" / "evaluate.py"
+WITH_CIFAR = REPO / "tests" / "with_generated_cifar.py"
+
+
+class RecipeNet(nn.Module):
+    """Copied from the recipe "Saving and loading a general checkpoint", not from dist_train."""
+
+    def __init__(self):
+        super(RecipeNet, self).__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = x.view(-1, 16 * 5 * 5)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        x = self.fc3(x)
+        return x
+
+
+def test_the_recipes_loading_code_reads_a_checkpoint(reference_ws2):
+    PATH = sorted((reference_ws2 / "checkpoints").glob("step_*.pt"))[-1]
+    # The recipe's loading steps, unchanged but for weights_only=True.
+    model = RecipeNet()
+    optimizer = optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    checkpoint = torch.load(PATH, weights_only=True)
+    model.load_state_dict(checkpoint['model_state_dict'])
+    optimizer.load_state_dict(checkpoint['optimizer_state_dict'])
+    epoch = checkpoint['epoch']
+    loss = checkpoint['loss']
+    model.eval()
+
+    assert epoch == 1 and isinstance(loss, float)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert all(not k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model_state_dict"])
+
+
+def test_four_ranks_on_two_cores(session_dir):
+    run_dir = session_dir / "ws4"
+    out = run(["--dataset", "fake", "--fake-size", "128", "--batch-size", "8", "--epochs", "1",
+               "--num-workers", "0", "--run-dir", str(run_dir)], nproc=4).stdout
+    assert "training complete: 1 epochs, 4 steps" in out
+    final = newest_checkpoint(run_dir)
+    assert final["world_size"] == 4 and len(final["rng_states"]) == 4
+    assert final["config"]["num_workers"] == 0
+
+
+def test_relaunching_a_finished_run_says_complete(reference_ws1):
+    out = run(SMALL_RUN + ["--run-dir", str(reference_ws1)]).stdout
+    assert "is complete" in out and "saved checkpoint" not in out
+
+
+def test_resume_from_an_explicit_checkpoint_continues_exactly(reference_ws1, session_dir):
+    older = reference_ws1 / "checkpoints" / "step_000000040.pt"
+    run_dir = session_dir / "explicit_resume"
+    out = run(SMALL_RUN + ["--run-dir", str(run_dir), "--resume", str(older)]).stdout
+    assert f"resuming from {older}" in out
+    assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference_ws1))
+
+
+def test_evaluate_reports_loss_and_accuracy(reference_ws2):
+    ckpt = sorted((reference_ws2 / "checkpoints").glob("step_*.pt"))[-1]
+    out = run([str(ckpt)], script=EVALUATE).stdout
+    assert "test loss" in out and "accuracy" in out and "(96 images)" in out
+
+
+def test_real_cifar10_class_trains_and_evaluates_on_generated_files(tmp_path):
+    data_dir = write_cifar10(tmp_path / "data", per_batch=16, test_size=32)
+    run_dir = tmp_path / "run"
+    args = ["--dataset", "cifar10", "--data-dir", str(data_dir), "--batch-size", "16", "--epochs", "1",
+            "--num-workers", "2", "--run-dir", str(run_dir)]
+    out = run([str(REPO / "launch" / "train.py"), *args], script=WITH_CIFAR).stdout
+    assert "training complete: 1 epochs, 5 steps" in out  # 80 images / 16
+    ckpt = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
+    out = run([str(EVALUATE), str(ckpt), "--data-dir", str(data_dir)], script=WITH_CIFAR).stdout
+    assert "(32 images)" in out
+
+
+def test_missing_cifar10_is_one_clear_line(tmp_path):
+    result = run(["--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"), "--run-dir",
+                  str(tmp_path / "run")], check=False)
+    assert result.returncode == 2
+    assert result.stdout.strip().splitlines()[-1].startswith("error: CIFAR-10 not found")
+    assert "Traceback" not in result.stdout
