@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shlex
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 class UserError(ValueError):
@@ -19,7 +23,8 @@ def _opt(default, help, **kwargs):
 class Config:
     """Everything a run is configured by; stored in every checkpoint."""
 
-    run_dir: str = _opt("runs/default", "run directory; checkpoints go to RUN_DIR/checkpoints/")
+    run_dir: str = _opt("", "run directory, checkpoints in RUN_DIR/checkpoints/; default runs/default, "
+                            "or runs/ARRAYJOB_TASK for a SLURM array task, runs/JOBID for a SLURM job")
     model: str = _opt("net", "'net' (the recipe's CIFAR-10 Net) or a torchvision classification model")
     dataset: str = _opt("cifar10", "training data", choices=("cifar10", "fake"))
     data_dir: str = _opt("data", "where CIFAR-10 lives (DATA_DIR/cifar-10-batches-py)")
@@ -43,6 +48,10 @@ class Config:
     deterministic: bool = _opt(True, "deterministic CUDA kernels, needed for bit-exact resume on GPU")
     eval: bool = _opt(True, "evaluate on the test split after each epoch")
     log_every_steps: int = _opt(50, "log the training loss every N steps")
+    max_requeues: int = _opt(20, "SIGUSR1 requeues the SLURM job at most this many times")
+    sweep_file: str | None = _opt(None, "one line of flags per SLURM array task, picked by "
+                                        "SLURM_ARRAY_TASK_ID (0: the first line); they override the others",
+                                  type=str)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -65,12 +74,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Flags -> a validated Config; raises UserError on bad values."""
-    args = build_parser().parse_args(argv)
+def parse_config(argv: list[str] | None = None, environ=os.environ) -> Config:
+    """Flags (plus the sweep line of this array task) -> a validated Config; UserError on bad values."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.sweep_file:
+        args = parser.parse_args(argv + sweep_overrides(args.sweep_file, environ))
     config = Config(**vars(args))
+    if not config.run_dir:
+        config = dataclasses.replace(config, run_dir=default_run_dir(environ))
     validate(config)
     return config
+
+
+def default_run_dir(environ) -> str:
+    """Found again by a requeued job: runs/ARRAYJOB_TASK, runs/JOBID, or runs/default."""
+    if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"runs/{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    if environ.get("SLURM_JOB_ID"):
+        return f"runs/{environ['SLURM_JOB_ID']}"
+    return "runs/default"
+
+
+def sweep_overrides(path: str, environ) -> list[str]:
+    """The flags on line SLURM_ARRAY_TASK_ID of a sweep file (blank and # lines are skipped)."""
+    if "SLURM_ARRAY_TASK_ID" not in environ:
+        raise UserError("--sweep-file needs a SLURM array task (SLURM_ARRAY_TASK_ID is not set)")
+    try:
+        lines = [line for line in Path(path).read_text().splitlines()
+                 if line.strip() and not line.lstrip().startswith("#")]
+    except OSError as error:
+        raise UserError(f"cannot read sweep file {path}: {error.strerror}") from None
+    task = int(environ["SLURM_ARRAY_TASK_ID"])
+    if task >= len(lines):
+        raise UserError(f"sweep file {path} has {len(lines)} configurations, array task {task} has none")
+    return shlex.split(lines[task])
 
 
 def validate(config: Config) -> None:
@@ -79,7 +118,7 @@ def validate(config: Config) -> None:
     for name in positive:
         if getattr(config, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
-    for name in ("num_workers", "save_every_steps", "weight_decay", "momentum"):
+    for name in ("num_workers", "save_every_steps", "weight_decay", "momentum", "max_requeues"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
     from dist_train.models import check_model_name

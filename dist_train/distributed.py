@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -33,10 +34,28 @@ class DistEnv:
 
 
 def discover_ranks(environ=os.environ) -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's variables; (0, 0, 1) for a plain process."""
+    """(rank, local_rank, world_size): torchrun's variables win, then srun's, else (0, 0, 1)."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
         return int(environ["RANK"]), int(environ.get("LOCAL_RANK", 0)), int(environ["WORLD_SIZE"])
+    if in_srun_step(environ):
+        return int(environ["SLURM_PROCID"]), int(environ["SLURM_LOCALID"]), int(environ["SLURM_NTASKS"])
     return 0, 0, 1
+
+
+def in_srun_step(environ=os.environ) -> bool:
+    """Inside a task launched by srun (not the batch script itself, whose SLURM_NTASKS is the job's)."""
+    return "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ and "SLURM_NTASKS" in environ
+
+
+def slurm_master_addr_port(environ=os.environ) -> tuple[str, str]:
+    """The first host of the job's node list, and a port derived from the job id, unless set."""
+    addr = environ.get("MASTER_ADDR")
+    if not addr:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", environ["SLURM_JOB_NODELIST"]],
+                               capture_output=True, text=True, check=True).stdout.split()
+        addr = hosts[0]
+    port = environ.get("MASTER_PORT") or str(15000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)
+    return addr, port
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
@@ -60,10 +79,24 @@ def setup(device_choice: str, deterministic: bool = True) -> DistEnv:
             torch.backends.cudnn.benchmark = False
             torch.use_deterministic_algorithms(True, warn_only=True)
     if world_size > 1:
+        if "RANK" not in os.environ:  # ranks from srun: init_process_group needs the rendezvous address
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = slurm_master_addr_port()
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10), **kwargs)
+        dist.init_process_group(backend, store=attempt_store(rank, world_size), rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(minutes=10), **kwargs)
     return DistEnv(rank, local_rank, world_size, device)
+
+
+def attempt_store(rank: int, world_size: int):
+    """The env:// rendezvous store, under a prefix of torchrun's restart count.
+
+    torchrun keeps one store across restarts of a worker group; without a per-attempt prefix a
+    restarted rank can read the previous attempt's addresses and fail to connect (seen with
+    torch 2.14 and gloo when ranks start at different times)."""
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size,
+                                       timeout=datetime.timedelta(minutes=10)))
+    return dist.PrefixStore(f"dist_train/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
 
 
 def teardown(env: DistEnv) -> None:

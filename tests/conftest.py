@@ -29,11 +29,12 @@ def python_env() -> dict:
     return env
 
 
-def launch_command(args: list[str], nproc: int = 1, script: Path = TRAIN) -> list[str]:
+def launch_command(args: list[str], nproc: int = 1, script: Path = TRAIN, torchrun_flags=()) -> list[str]:
+    """python SCRIPT ARGS for one process, torchrun for more."""
     if nproc == 1:
         return [sys.executable, str(script), *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(free_port()), str(script), *args]
+            "--master_port", str(free_port()), *torchrun_flags, str(script), *args]
 
 
 def free_port() -> int:
@@ -76,10 +77,10 @@ def process_tree(root: int) -> list[int]:
 class Launch:
     """A training launched in its own session, so that the whole process group can be SIGKILLed."""
 
-    def __init__(self, args: list[str], log_path: Path, nproc: int = 1, script: Path = TRAIN):
+    def __init__(self, args: list[str], log_path: Path, nproc: int = 1, script: Path = TRAIN, torchrun_flags=()):
         self.log_path = log_path
         self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(launch_command(args, nproc, script), env=python_env(), cwd=REPO,
+        self.proc = subprocess.Popen(launch_command(args, nproc, script, torchrun_flags), env=python_env(), cwd=REPO,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self) -> str:

@@ -1,0 +1,119 @@
+"""Signals -> a flag; ranks agree on when to stop; requeue through scontrol.
+
+SIGUSR1 (what `#SBATCH --signal=USR1@SECONDS` sends before the time limit) asks for save and
+requeue; SIGTERM (preemption, scancel, torchrun's shutdown) asks for save and exit. The handler only
+records the request: no I/O, no collectives. SLURM signals every process of a job step, DataLoader
+workers included, and a forked worker inherits the handler, so it acts only in the process that
+installed it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+from dist_train.distributed import DistEnv
+
+log = logging.getLogger(__name__)
+
+NONE, TERMINATE, REQUEUE = 0, 1, 2  # ordered: the strongest request on any rank wins
+SIGNAL_REQUESTS = {signal.SIGTERM: TERMINATE, signal.SIGUSR1: REQUEUE}
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM in this process; a later signal never lowers the request."""
+
+    def __init__(self):
+        self.request = NONE
+        self.signal_name = None
+        self._pid = os.getpid()
+
+    def install(self) -> "StopFlag":
+        for signum in SIGNAL_REQUESTS:
+            signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: the main process acts
+            return
+        if SIGNAL_REQUESTS[signum] > self.request:
+            self.request = SIGNAL_REQUESTS[signum]
+            self.signal_name = signal.Signals(signum).name
+
+
+class StopAgreement:
+    """Every rank learns the strongest stop request of all ranks at the same step boundary.
+
+    The all-reduce runs on a gloo group, asynchronously: the one started at boundary k is read at
+    boundary k+1, so it overlaps a training step and never waits for the GPU. The decision comes
+    one step after the signal, at the same step on every rank.
+    """
+
+    def __init__(self, env: DistEnv):
+        self.env = env
+        self._group = None
+        if env.distributed:
+            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        self._pending = None  # (work, tensor) of the all-reduce in flight
+
+    def poll(self, local_request: int) -> int:
+        """Called at each step boundary on every rank; returns the request all ranks agree on."""
+        if not self.env.distributed:
+            return local_request
+        agreed = NONE
+        if self._pending is not None:
+            work, tensor = self._pending
+            work.wait()
+            agreed = int(tensor.item())
+        tensor = torch.tensor([local_request], dtype=torch.int32)
+        self._pending = (dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._group, async_op=True),
+                         tensor)
+        return agreed
+
+    def close(self) -> None:
+        """Wait for the all-reduce in flight, so no rank leaves one unanswered."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+
+
+def restart_count() -> int:
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+def slurm_job_to_requeue(environ=os.environ) -> str | None:
+    """ARRAYJOB_TASK for an array task, else the job id; None outside SLURM."""
+    if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    return environ.get("SLURM_JOB_ID")
+
+
+def requeue_slurm_job(max_requeues: int, timeout: float = 30.0) -> bool:
+    """`scontrol requeue` this job (after the checkpoint is written: it kills the job at once)."""
+    job = slurm_job_to_requeue()
+    if job is None:
+        log.warning("SIGUSR1 outside a SLURM job: checkpoint saved, nothing to requeue")
+        return False
+    if restart_count() >= max_requeues:
+        log.warning("not requeueing job %s: it has restarted %d times (--max-requeues %d); "
+                    "relaunch to resume", job, restart_count(), max_requeues)
+        return False
+    log.info("requeueing SLURM job %s (restart %d)", job, restart_count() + 1)
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        log.error("scontrol not found: job %s not requeued; the checkpoint is saved, resubmit to resume", job)
+        return False
+    except subprocess.TimeoutExpired:
+        log.error("scontrol requeue %s timed out after %.0fs; the checkpoint is saved", job, timeout)
+        return False
+    if result.returncode != 0:
+        log.error("scontrol requeue %s failed (%s); the checkpoint is saved, resubmit to resume",
+                  job, (result.stderr or result.stdout).strip())
+        return False
+    return True

@@ -1,0 +1,56 @@
+"""torchrun faults: SIGTERM to the agent saves and exits; a killed worker under --max-restarts
+resumes. Both end bit for bit where the uninterrupted run ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from conftest import SMALL_RUN, Launch, assert_same_training_state, newest_checkpoint, process_tree, run
+
+
+def worker_pid(agent_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker process of `rank`, not one of its DataLoader workers (which
+    inherit the same environment but have the rank process as parent)."""
+    def has_rank(pid: int) -> bool:
+        try:
+            return f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            return False
+
+    for pid in process_tree(agent_pid)[1:]:
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        if has_rank(pid) and not has_rank(ppid):
+            return pid
+    raise AssertionError(f"no worker of rank {rank} under {agent_pid}")
+
+
+def test_sigterm_to_torchrun_saves_then_resume_is_exact(reference_ws2, session_dir):
+    run_dir = session_dir / "sigterm_ws2"
+    args = SMALL_RUN + ["--save-every-steps", "0", "--run-dir", str(run_dir)]
+    launch = Launch(args, session_dir / "sigterm_ws2.log", nproc=2)
+    launch.wait_for(r"step 4 batch")
+    os.kill(launch.proc.pid, signal.SIGTERM)  # the torchrun agent forwards it to its workers
+    launch.wait(timeout=120)
+    out = launch.output()
+    assert "stop requested by SIGTERM" in out, out[-3000:]
+    stopped = newest_checkpoint(run_dir)
+    assert stopped["epoch"] == 0 and 4 < stopped["global_step"] < 12  # mid-epoch, no periodic saves
+    assert "requeueing" not in out
+
+    resumed = run(args, nproc=2).stdout
+    assert "resuming from" in resumed and "training complete" in resumed
+    assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference_ws2))
+
+
+def test_killed_worker_under_max_restarts_resumes_and_finishes(reference_ws2, session_dir):
+    run_dir = session_dir / "restart_ws2"
+    args = SMALL_RUN + ["--run-dir", str(run_dir)]
+    launch = Launch(args, session_dir / "restart_ws2.log", nproc=2, torchrun_flags=["--max-restarts=1"])
+    launch.wait_for(r"step 7 batch")  # after the checkpoint of step 5
+    os.kill(worker_pid(launch.proc.pid, rank=1), signal.SIGKILL)
+    assert launch.wait(timeout=240) == 0, launch.output()[-3000:]
+    out = launch.output()
+    assert "resuming from" in out and "training complete" in out, out[-3000:]
+    assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference_ws2))
