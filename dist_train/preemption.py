@@ -38,6 +38,12 @@ class StopFlag:
             signal.signal(signum, self._handle)
         return self
 
+    def ignore_from_now_on(self) -> None:
+        """After the last save a signal has nothing left to save: ignore it rather than die of it
+        (USR1's default action) and turn a finished job into a failed one."""
+        for signum in SIGNAL_REQUESTS:
+            signal.signal(signum, signal.SIG_IGN)
+
     def _handle(self, signum, _frame) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: the main process acts
             return

@@ -94,6 +94,7 @@ def train(config: Config) -> int:
             requeue_slurm_job(config.max_requeues)
         return 0
     finally:
+        stop_flag.ignore_from_now_on()
         distributed.teardown(env)
 
 

@@ -46,9 +46,9 @@ def free_port() -> int:
 
 
 def run(args: list[str], nproc: int = 1, timeout: float = 300, script: Path = TRAIN,
-        check: bool = True) -> subprocess.CompletedProcess:
+        check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """Run a launch to completion; output in .stdout (stderr merged)."""
-    result = subprocess.run(launch_command(args, nproc, script), env=python_env(), cwd=REPO,
+    result = subprocess.run(launch_command(args, nproc, script), env=python_env() | (env_extra or {}), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}:\n{result.stdout[-4000:]}")

@@ -1,0 +1,123 @@
+"""SLURM requeue-and-resume against real daemons (munged, slurmctld, two slurmd), with the
+project's own sbatch scripts from slurm/ running the real training script on CPU."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SMALL_RUN, assert_same_training_state, newest_checkpoint, python_env, run
+from slurm_cluster import LocalSlurm, missing_binaries
+
+# SMALL_RUN with more images (96 steps an epoch on one rank), so a signal sent at step 3 lands mid-run.
+SLURM_RUN = SMALL_RUN + ["--fake-size", "1536"]
+# A time-limit run long enough that USR1 (sent 0-30 s after start with --time=1) lands mid-training.
+LONG_RUN = ["--dataset", "fake", "--fake-size", "40000", "--batch-size", "64", "--epochs", "2",
+            "--num-workers", "1", "--save-every-steps", "0", "--log-every-steps", "100", "--no-eval"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    missing = missing_binaries()
+    if missing or os.geteuid() != 0:
+        reason = f"SLURM not usable here (missing: {missing or 'root'}); scripts/test.sh installs it as root"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    # Not under pytest's temp dir: munged needs every directory above its socket world-executable.
+    root = Path(tempfile.mkdtemp(prefix="dist-train-slurm-"))
+    cluster = LocalSlurm(root, nodes=2, cpus=4).start()
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def jobs_dir(tmp_path_factory) -> Path:
+    """Where jobs are submitted from: launch/ and slurm/ as in the repository, runs/ of its own."""
+    directory = tmp_path_factory.mktemp("jobs")
+    for name in ("launch", "slurm"):
+        (directory / name).symlink_to(REPO / name)
+    return directory
+
+
+def submit(slurm: LocalSlurm, jobs_dir: Path, sbatch_args: list[str], script: str, train_args: list[str]) -> str:
+    env = f"ALL,PYTHON={sys.executable},OMP_NUM_THREADS=1,PYTHONPATH={REPO}"
+    return slurm.sbatch(*sbatch_args, f"--export={env}", f"slurm/{script}", *train_args, cwd=jobs_dir)
+
+
+def wait_for_text(path: Path, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} in {path} within {timeout}s:\n" + (path.read_text()[-3000:] if path.exists() else ""))
+
+
+def assert_requeued_once_and_finished(log: str) -> None:
+    assert log.count("stop requested by SIGUSR1") == 1, log[-4000:]  # a second USR1 never saves twice
+    assert "requeueing SLURM job" in log and "restart count 1" in log, log[-4000:]
+    assert "resuming from" in log and "training complete" in log, log[-4000:]
+
+
+@pytest.fixture(scope="module")
+def time_limit_job(slurm, jobs_dir):
+    """Submitted first, so that it runs while the other tests do: --time=1 --signal=USR1@50."""
+    job = submit(slurm, jobs_dir, ["--time=1", "--signal=USR1@50", "--ntasks-per-node=1", "--cpus-per-task=1",
+                                   "--output=timelimit-%j.out"],
+                 "single_node.sbatch", LONG_RUN + ["--run-dir", "runs/timelimit"])
+    return job
+
+
+def test_sweep_array_usr1_requeues_and_resumes_bit_exactly(slurm, jobs_dir, time_limit_job, tmp_path):
+    (jobs_dir / "sweep.txt").write_text("# seed per task\n--seed 1\n--seed 2\n")
+    job = submit(slurm, jobs_dir, ["--array=0-1", "--time=10", "--cpus-per-task=1", "--output=sweep-%A_%a.out"],
+                 "sweep.sbatch", SLURM_RUN + ["--sweep-file", "sweep.txt"])
+    for task in (0, 1):
+        wait_for_text(jobs_dir / f"sweep-{job}_{task}.out", "step 3 batch")
+        # As --signal=USR1@N does: to the job step (every rank and loader worker), and twice.
+        slurm.scancel("--signal=USR1", f"{job}_{task}")
+        slurm.scancel("--signal=USR1", f"{job}_{task}")
+    slurm.wait_gone(job, timeout=240)
+
+    for task, seed in ((0, 1), (1, 2)):
+        log = (jobs_dir / f"sweep-{job}_{task}.out").read_text()
+        assert_requeued_once_and_finished(log)
+        reference = tmp_path / f"reference_seed{seed}"
+        run(SLURM_RUN + ["--seed", str(seed), "--run-dir", str(reference)], env_extra={"OMP_NUM_THREADS": "1"})
+        resumed = newest_checkpoint(jobs_dir / "runs" / f"{job}_{task}")
+        assert resumed["config"]["seed"] == seed
+        assert_same_training_state(resumed, newest_checkpoint(reference))
+
+
+def test_two_node_job_requeues_and_resumes_bit_exactly(slurm, jobs_dir, time_limit_job, tmp_path):
+    job = submit(slurm, jobs_dir, ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
+                                   "--output=twonode-%j.out"], "multi_node.sbatch", SLURM_RUN)
+    out = jobs_dir / f"twonode-{job}.out"
+    wait_for_text(out, "step 3 batch")
+    slurm.scancel("--signal=USR1", job)
+    slurm.wait_gone(job, timeout=240)
+    log = out.read_text()
+    assert_requeued_once_and_finished(log)
+    resumed = newest_checkpoint(jobs_dir / "runs" / job)  # the default run directory of a job
+    assert resumed["world_size"] == 2
+    reference = tmp_path / "reference_ws2"
+    run(SLURM_RUN + ["--run-dir", str(reference)], nproc=2)  # torchrun sets OMP_NUM_THREADS=1 too
+    assert_same_training_state(resumed, newest_checkpoint(reference))
+
+
+def test_time_limit_signal_saves_requeues_and_finishes(slurm, jobs_dir, time_limit_job):
+    slurm.wait_gone(time_limit_job, timeout=400)
+    log = (jobs_dir / f"timelimit-{time_limit_job}.out").read_text()
+    assert "stop requested by SIGUSR1" in log and "restart count 1" in log, log[-4000:]
+    assert "resuming from" in log and "training complete: 2 epochs" in log, log[-4000:]
+    # jobcomp records a requeued run as PENDING; the last run completes.
+    states = slurm.job_states(time_limit_job)
+    assert states[-1] == ":COMPLETED" and states[:-1] == [":PENDING"] * log.count("requeueing SLURM job"), states
