@@ -48,6 +48,8 @@ class Config:
     deterministic: bool = _opt(True, "deterministic CUDA kernels, needed for bit-exact resume on GPU")
     eval: bool = _opt(True, "evaluate on the test split after each epoch")
     log_every_steps: int = _opt(50, "log the training loss every N steps")
+    stop_check_every_steps: int = _opt(10, "ranks agree on a pending SIGUSR1/SIGTERM every N steps "
+                                           "(a collective; it overlaps training)")
     max_requeues: int = _opt(20, "SIGUSR1 requeues the SLURM job at most this many times")
     sweep_file: str | None = _opt(None, "one line of flags per SLURM array task, picked by "
                                         "SLURM_ARRAY_TASK_ID (0: the first line); they override the others",
@@ -114,7 +116,7 @@ def sweep_overrides(path: str, environ) -> list[str]:
 
 def validate(config: Config) -> None:
     """Reject values that cannot train, before any process group exists."""
-    positive = ("epochs", "batch_size", "lr", "keep", "fake_size", "log_every_steps")
+    positive = ("epochs", "batch_size", "lr", "keep", "fake_size", "log_every_steps", "stop_check_every_steps")
     for name in positive:
         if getattr(config, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")

@@ -55,22 +55,24 @@ class StopFlag:
 class StopAgreement:
     """Every rank learns the strongest stop request of all ranks at the same step boundary.
 
-    The all-reduce runs on a gloo group, asynchronously: the one started at boundary k is read at
-    boundary k+1, so it overlaps a training step and never waits for the GPU. The decision comes
-    one step after the signal, at the same step on every rank.
+    Every `every` steps a MAX all-reduce starts on a gloo group, asynchronously; the result is
+    read `every` steps later, so the collective overlaps training and never waits for the GPU.
+    A stop therefore comes 1 to 2*`every` steps after the signal, at the same step on every rank.
     """
 
-    def __init__(self, env: DistEnv):
-        self.env = env
-        self._group = None
-        if env.distributed:
-            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    def __init__(self, env: DistEnv, every: int = 1):
+        self.env, self.every = env, every
+        self._group = dist.new_group(backend="gloo") if env.distributed else None
         self._pending = None  # (work, tensor) of the all-reduce in flight
+        self._boundaries = 0
 
     def poll(self, local_request: int) -> int:
         """Called at each step boundary on every rank; returns the request all ranks agree on."""
         if not self.env.distributed:
             return local_request
+        self._boundaries += 1
+        if self._boundaries % self.every:
+            return NONE
         agreed = NONE
         if self._pending is not None:
             work, tensor = self._pending

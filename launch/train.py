@@ -82,7 +82,7 @@ def train(config: Config) -> int:
                 log.info("saved checkpoint %s (epoch %d, step %d, %s)", path, progress.epoch,
                          progress.global_step, why)
 
-        agreement = StopAgreement(env)
+        agreement = StopAgreement(env, config.stop_check_every_steps)
         try:
             request = run_epochs(config, env, training, progress, train_loader, test_loader,
                                  stop_flag, agreement, save)

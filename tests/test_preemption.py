@@ -1,0 +1,100 @@
+"""Signal flag, requeue command, rank discovery and run directories, in-process with real signals,
+real forks and a real (missing or failing) scontrol."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import pytest
+
+from dist_train.config import UserError, default_run_dir, parse_config
+from dist_train.distributed import discover_ranks
+from dist_train.preemption import NONE, REQUEUE, TERMINATE, StopFlag, requeue_slurm_job
+
+
+@pytest.fixture
+def restore_signals():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def test_signals_set_the_strongest_request_once(restore_signals):
+    flag = StopFlag().install()
+    assert flag.request == NONE
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert flag.request == TERMINATE
+    os.kill(os.getpid(), signal.SIGUSR1)
+    os.kill(os.getpid(), signal.SIGUSR1)  # a second signal changes nothing
+    assert (flag.request, flag.signal_name) == (REQUEUE, "SIGUSR1")
+    os.kill(os.getpid(), signal.SIGTERM)  # never lowers the request
+    assert flag.request == REQUEUE
+
+
+def test_a_forked_child_does_not_act_on_the_inherited_handler(restore_signals):
+    flag = StopFlag().install()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # as a DataLoader worker would, before its worker_init_fn runs
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.write(write, str(flag.request).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 8) == str(NONE).encode()
+    assert flag.request == NONE
+
+
+def test_requeue_says_plainly_when_scontrol_is_missing_or_fails(monkeypatch, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setenv("SLURM_JOB_ID", "12345")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol on it
+    assert requeue_slurm_job(max_requeues=3) is False
+    assert "scontrol not found" in caplog.text and "checkpoint is saved" in caplog.text
+
+    failing = tmp_path / "scontrol"
+    failing.write_text("#!/bin/sh\necho 'Invalid job id specified' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    caplog.clear()
+    assert requeue_slurm_job(max_requeues=3) is False
+    assert "scontrol requeue 12345 failed (Invalid job id specified)" in caplog.text
+
+
+def test_requeue_targets_the_array_task_and_stops_at_max_requeues(monkeypatch, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    recorder = tmp_path / "scontrol"
+    recorder.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/args\n")
+    recorder.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("SLURM_JOB_ID", "101")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "100")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert requeue_slurm_job(max_requeues=2) is True
+    assert (tmp_path / "args").read_text().split() == ["requeue", "100_1"]
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert requeue_slurm_job(max_requeues=2) is False
+    assert "--max-requeues 2" in caplog.text
+
+
+def test_rank_discovery_torchrun_wins_over_srun():
+    srun = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"}
+    assert discover_ranks(srun) == (3, 1, 4)
+    assert discover_ranks(srun | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}) == (0, 0, 2)
+    batch_script = {k: v for k, v in srun.items() if k != "SLURM_STEP_ID"}  # no srun: one process
+    assert discover_ranks(batch_script) == (0, 0, 1)
+
+
+def test_run_directory_and_sweep_line_come_from_the_array_task(tmp_path):
+    env = {"SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "1", "SLURM_JOB_ID": "79"}
+    assert default_run_dir(env) == "runs/77_1"
+    assert default_run_dir({"SLURM_JOB_ID": "79"}) == "runs/79"
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("# comment\n--seed 5 --lr 0.1\n\n--seed 6 --model resnet18\n")
+    config = parse_config(["--seed", "1", "--sweep-file", str(sweep)], env)
+    assert (config.seed, config.model, config.run_dir) == (6, "resnet18", "runs/77_1")
+    with pytest.raises(UserError, match="array task 2 has none"):
+        parse_config(["--sweep-file", str(sweep)], env | {"SLURM_ARRAY_TASK_ID": "2"})
