@@ -6,12 +6,15 @@ A checkpoint is a dict of tensors and plain values that loads with `torch.load(w
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 from pathlib import Path
 
 import torch
+
+from dist_train.config import UserError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
     """write(file) into a temp file beside `path`, fsync it, rename over `path`, fsync the dir."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -55,8 +58,8 @@ def save_checkpoint(checkpoint: dict, ckpt_dir: Path, keep: int) -> Path:
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(ckpt_dir, checkpoint["global_step"])
-    _write_atomically(path, lambda f: torch.save(checkpoint, f))
-    _write_atomically(ckpt_dir / LATEST, lambda f: f.write(path.name.encode() + b"\n"))
+    write_atomically(path, lambda f: torch.save(checkpoint, f))
+    write_atomically(ckpt_dir / LATEST, lambda f: f.write(path.name.encode() + b"\n"))
     prune_checkpoints(ckpt_dir, keep, protect=path)
     return path
 
@@ -105,7 +108,7 @@ def _reason(error: Exception) -> str:
     """The one informative line of a torch.load error."""
     text = str(error)
     if "WeightsUnpickler error:" in text:  # weights_only refused an object: name it
-        return text.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
+        return text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0].split(". ")[0]
     lines = text.strip().splitlines()
     return lines[0] if lines else type(error).__name__
 
@@ -147,3 +150,24 @@ def remove_stale_temp_files(ckpt_dir: Path) -> None:
     """Temp files left by a save that was killed midway are never loaded; clear them away."""
     for tmp in Path(ckpt_dir).glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
+
+
+def prepare_run_dir(config, is_main: bool) -> Path:
+    """RUN_DIR/checkpoints, created and checked writable by the main rank before any process group."""
+    ckpt_dir = Path(config.run_dir) / "checkpoints"
+    if is_main:
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            probe = ckpt_dir / f".write-test-{os.getpid()}.tmp"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise UserError(f"run directory {config.run_dir} is not writable: {error.strerror}") from None
+        remove_stale_temp_files(ckpt_dir)
+    return ckpt_dir
+
+
+def write_config_file(config) -> None:
+    """The effective configuration, as RUN_DIR/config.json."""
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    write_atomically(Path(config.run_dir) / "config.json", lambda f: f.write(text.encode()))

@@ -50,6 +50,14 @@ class Config:
     log_every_steps: int = _opt(50, "log the training loss every N steps")
     stop_check_every_steps: int = _opt(10, "ranks agree on a pending SIGUSR1/SIGTERM every N steps "
                                            "(a collective; it overlaps training)")
+    log_level: str = _opt("INFO", "logging level of the main rank (other ranks log warnings and errors)",
+                          choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    wandb_project: str | None = _opt(None, "log to this wandb project (main rank only); off when unset", type=str)
+    wandb_entity: str | None = _opt(None, "wandb entity (team or user)", type=str)
+    wandb_name: str | None = _opt(None, "wandb run name; array tasks get -taskN appended", type=str)
+    wandb_mode: str = _opt("online", "wandb mode", choices=("online", "offline", "disabled"))
+    allow_config_change: bool = _opt(False, "resume even if the model, data, batch size, seed, epochs or "
+                                            "world size differ from the checkpoint's (no longer exact)")
     max_requeues: int = _opt(20, "SIGUSR1 requeues the SLURM job at most this many times")
     sweep_file: str | None = _opt(None, "one line of flags per SLURM array task, picked by "
                                         "SLURM_ARRAY_TASK_ID (0: the first line); they override the others",
@@ -59,12 +67,22 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def build_parser() -> argparse.ArgumentParser:
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose errors are a UserError (one line, exit 2), not a usage dump."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser generated from the Config fields, one flag per field."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
+        prog=prog,
         description="Train with DDP; relaunching the same command resumes bit-exactly.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--config", help="a TOML or YAML file of flag values (as key = value, with "
+                                         "underscores); flags on the command line override it")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
@@ -81,13 +99,63 @@ def parse_config(argv: list[str] | None = None, environ=os.environ) -> Config:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.config:
+        parser.set_defaults(**read_config_file(args.config))
+        args = parser.parse_args(argv)
     if args.sweep_file:
         args = parser.parse_args(argv + sweep_overrides(args.sweep_file, environ))
-    config = Config(**vars(args))
+    values = vars(args)
+    values.pop("config")
+    config = Config(**values)
     if not config.run_dir:
         config = dataclasses.replace(config, run_dir=default_run_dir(environ))
     validate(config)
     return config
+
+
+def read_config_file(path: str) -> dict:
+    """Flag values from a TOML (.toml) or YAML (.yaml/.yml) file; unknown keys are an error."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise UserError(f"cannot read config file {path}: {error.strerror}") from None
+    try:
+        if path.endswith(".toml"):
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            values = tomllib.loads(text)
+        elif path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            raise UserError(f"config file {path}: use a .toml, .yaml or .yml file")
+    except UserError:
+        raise
+    except Exception as error:
+        raise UserError(f"config file {path} does not parse: {str(error).splitlines()[0]}") from None
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"config file {path}: unknown keys {', '.join(unknown)}")
+    return values
+
+
+# What an exact continuation needs unchanged; a resume that changes one stops unless allowed.
+EXACTNESS_KEYS = ("model", "dataset", "fake_size", "batch_size", "seed", "epochs", "lr_schedule", "amp")
+
+
+def config_differences(saved: dict, saved_world_size: int, config: Config, world_size: int) -> list[str]:
+    """'name: saved -> now' for each setting that would break an exact resume."""
+    now = config.to_dict()
+    changes = [f"{key}: {saved[key]!r} -> {now[key]!r}" for key in EXACTNESS_KEYS
+               if key in saved and saved[key] != now[key]]
+    if saved_world_size != world_size:
+        changes.append(f"world size: {saved_world_size} -> {world_size}")
+    return changes
 
 
 def default_run_dir(environ) -> str:

@@ -68,8 +68,8 @@ def restore_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
-def build_checkpoint(training: Training, progress: Progress, loss: float,
-                     rng_states: list[dict], config: dict, world_size: int) -> dict:
+def build_checkpoint(training: Training, progress: Progress, loss: float, rng_states: list[dict],
+                     config: dict, world_size: int, wandb_run_id: str | None = None) -> dict:
     """The general checkpoint of the recipe, plus everything an exact continuation needs."""
     scaler = training.scaler
     return {
@@ -89,6 +89,7 @@ def build_checkpoint(training: Training, progress: Progress, loss: float,
         "world_size": world_size,
         "config": config,
         "torch_version": str(torch.__version__),  # TorchVersion is not a plain str
+        "wandb_run_id": wandb_run_id,
     }
 
 
@@ -116,14 +117,14 @@ def _few(keys: list[str], limit: int = 5) -> str:
 
 
 def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress: Progress,
-                        last_loss: float, config: dict, env: DistEnv) -> Path | None:
+                        last_loss: float, config: dict, env: DistEnv, wandb_run_id: str | None = None) -> Path | None:
     """Collective: every rank sends its RNG state, the main rank alone writes. Returns the path on the main rank."""
     rng_states = gather_to_main(capture_rng_state(env.device), env)
     (loss_sum,) = all_reduce_sum([last_loss], env)
     path = None
     if env.is_main:
         checkpoint = build_checkpoint(training, progress, loss_sum / env.world_size, rng_states,
-                                      config, env.world_size)
+                                      config, env.world_size, wandb_run_id)
         path = save_checkpoint(checkpoint, ckpt_dir, keep)
     barrier(env)  # no rank runs ahead (or reads, or prunes) while the main rank writes
     return path
@@ -150,7 +151,18 @@ def choose_resume_checkpoint(ckpt_dir: Path, explicit: str | None, env: DistEnv)
         return None
     checkpoint = load_checkpoint(Path(choice), map_location=env.device)
     log.info("resuming from %s (epoch %d, step %d)", choice, checkpoint["epoch"], checkpoint["global_step"])
-    if checkpoint["world_size"] != env.world_size:
-        raise UserError(f"{choice} was saved by {checkpoint['world_size']} ranks, this run has "
-                        f"{env.world_size}: the data order and RNG streams would not continue exactly")
     return checkpoint
+
+
+def restore_rng_of_rank(checkpoint: dict, env: DistEnv) -> None:
+    """This rank's RNG streams as saved; a rank the checkpoint did not have keeps its fresh seed."""
+    states = checkpoint["rng_states"]
+    if env.rank < len(states):
+        restore_rng_state(states[env.rank], env.device)
+
+
+def rescale_progress(progress: Progress, saved_world_size: int, world_size: int) -> Progress:
+    """Map the position inside an epoch to another world size: the samples consumed so far,
+    rounded down to whole batches of the new size (a few samples may be seen twice)."""
+    progress.next_batch = progress.next_batch * saved_world_size // world_size
+    return progress

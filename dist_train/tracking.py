@@ -1,12 +1,147 @@
-"""Logging with the rank in every line: at INFO only the main rank speaks, other ranks only warn."""
+"""Logging with the rank in every line, progress output, and wandb on the main rank.
+
+wandb is imported only when a project is given. One wandb run follows a training across kills,
+requeues and torchrun restarts: its id is kept in RUN_DIR/wandb.json (and in every checkpoint),
+and a resumed process re-opens that run. Steps between the last checkpoint and a kill are
+trained again after a resume (bit for bit the same values) but not logged again: wandb.json also
+records, per kind of metric, the highest step sent, and it is written before each send, so a
+point is never logged twice. A SIGKILL can lose the points wandb had not yet written (about the
+last second: see _flush_often); they are not sent again.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
+import time
+import uuid
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def setup_logging(rank: int, level: str = "INFO") -> None:
+    """INFO and up on the main rank; other ranks only warn. The rank is in every line."""
     fmt = f"%(asctime)s [rank {rank}] %(levelname)s %(message)s"
+    numeric = logging.getLevelName(level.upper())
     logging.basicConfig(stream=sys.stderr, format=fmt, datefmt="%H:%M:%S", force=True,
-                        level=level if rank == 0 else max(logging.WARNING, logging.getLevelName(level)))
+                        level=numeric if rank == 0 else max(logging.WARNING, numeric))
+
+
+class NullTracker:
+    """What every rank but the main one gets, and the main rank when wandb is off."""
+
+    run_id = None
+
+    def log(self, kind: str, metrics: dict, step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbTracker:
+    def __init__(self, config, run_id: str | None):
+        import wandb
+
+        run_dir = Path(config.run_dir)
+        self._state_path = run_dir / "wandb.json"
+        state = self._read_state()
+        self.run_id = state.get("run_id") or run_id or uuid.uuid4().hex[:12]
+        self._logged = state.get("logged", {})
+        self._write_state()  # the id is on disk before the run exists anywhere
+        self.run = wandb.init(project=config.wandb_project, entity=config.wandb_entity,
+                              name=run_name(config.wandb_name, config.run_dir), id=self.run_id,
+                              resume="allow", mode=config.wandb_mode, dir=str(run_dir),
+                              config=config.to_dict(), settings=_flush_often(wandb))
+        log.info("wandb run %s (%s mode), files under %s", self.run_id, config.wandb_mode, run_dir / "wandb")
+
+    def log(self, kind: str, metrics: dict, step: int) -> None:
+        """Send `metrics` at `step` unless a step at or past it was already sent for this kind."""
+        if step <= self._logged.get(kind, -1):
+            return
+        self._logged[kind] = step
+        self._write_state()
+        self.run.log({f"{kind}/{key}": value for key, value in metrics.items()}, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+    def _read_state(self) -> dict:
+        try:
+            return json.loads(self._state_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write_state(self) -> None:
+        tmp = self._state_path.with_name(".wandb.json.tmp")
+        tmp.write_text(json.dumps({"run_id": self.run_id, "logged": self._logged}))
+        os.replace(tmp, self._state_path)
+
+
+def _flush_often(wandb):
+    """wandb writes its run file every 15 s by default, so a SIGKILL loses up to 15 s of points
+    that the skip rule above would then not send again; ask for 1 s where this wandb allows it."""
+    if "x_transaction_log_flush_interval" in getattr(wandb.Settings, "model_fields", {}):
+        return wandb.Settings(x_transaction_log_flush_interval=1.0)
+    return None
+
+
+def run_name(name: str | None, run_dir: str) -> str | None:
+    """Array tasks get a name that says which task they are."""
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if task is None:
+        return name
+    return f"{name or Path(run_dir).name}-task{task}"
+
+
+def build_tracker(config, is_main: bool, checkpoint_run_id: str | None = None):
+    if not is_main or not config.wandb_project or config.wandb_mode == "disabled":
+        return NullTracker()
+    return WandbTracker(config, checkpoint_run_id)
+
+
+class ProgressReport:
+    """A tqdm bar per epoch on a terminal; elsewhere (SLURM logs, CI) one plain line every N steps."""
+
+    def __init__(self, is_main: bool, every: int, world_size: int, batch_size: int, use_bar: bool | None = None):
+        self.is_main, self.every = is_main, every
+        self.samples_per_step = world_size * batch_size
+        self.use_bar = is_main and (sys.stderr.isatty() if use_bar is None else use_bar)
+        self._bar = None
+
+    def start_epoch(self, epoch: int, start_batch: int, num_batches: int) -> None:
+        self.epoch, self.num_batches = epoch, num_batches
+        self._t0, self._batch0 = time.perf_counter(), start_batch
+        if self.use_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=num_batches, initial=start_batch, desc=f"epoch {epoch}", unit="step",
+                             dynamic_ncols=True)
+
+    def step(self, batch: int, global_step: int, loss: float | None, lr: float) -> float:
+        """After each step; `loss` is given on reporting steps only. Returns samples/s so far."""
+        elapsed = time.perf_counter() - self._t0
+        done = batch - self._batch0
+        rate = done * self.samples_per_step / elapsed if elapsed > 0 else 0.0
+        if self._bar is not None:
+            self._bar.update(1)
+            if loss is not None:
+                self._bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}")
+        elif loss is not None and self.is_main:
+            eta = (self.num_batches - batch) * elapsed / done if done else 0.0
+            log.info("epoch %d step %d batch %d/%d loss %.4f lr %.3g samples/s %.0f eta %s", self.epoch,
+                     global_step, batch, self.num_batches, loss, lr, rate, _clock(eta))
+        return rate
+
+    def end_epoch(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"

@@ -7,7 +7,6 @@ The model and data settings default to those stored in the checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -16,14 +15,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 
 from dist_train import data  # noqa: E402
 from dist_train.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from dist_train.config import Config, UserError, validate  # noqa: E402
+from dist_train.config import Config, OneLineErrorParser, UserError, validate  # noqa: E402
 from dist_train.distributed import DistEnv, pick_device  # noqa: E402
 from dist_train.loop import evaluate  # noqa: E402
 from dist_train.models import build_model, strip_wrapper_prefixes  # noqa: E402
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a checkpoint file written by launch/train.py")
     parser.add_argument("--dataset", choices=("cifar10", "fake"), help="default: the checkpoint's")
     parser.add_argument("--data-dir", help="default: the checkpoint's")
@@ -54,8 +53,8 @@ def evaluate_checkpoint(args) -> tuple[float, float, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         loss, accuracy, count = evaluate_checkpoint(args)
     except (UserError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
     python launch/train.py --dataset fake                          # one process
     torchrun --nproc_per_node=4 launch/train.py --dataset fake     # one rank per process
+    srun python launch/train.py --dataset fake                     # one rank per SLURM task
 
 Relaunching the same command resumes from the newest valid checkpoint in RUN_DIR/checkpoints/.
 The steps follow PyTorch's recipe "Saving and loading a general checkpoint".
@@ -20,14 +21,14 @@ import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from dist_train import data, distributed  # noqa: E402
-from dist_train.checkpoint import CheckpointError, remove_stale_temp_files  # noqa: E402
-from dist_train.config import Config, UserError, parse_config  # noqa: E402
+from dist_train.checkpoint import CheckpointError, prepare_run_dir, write_config_file  # noqa: E402
+from dist_train.config import Config, UserError, config_differences, parse_config  # noqa: E402
 from dist_train.loop import build_scheduler, evaluate, train_steps  # noqa: E402
 from dist_train.models import build_model  # noqa: E402
 from dist_train.preemption import NONE, REQUEUE, StopAgreement, StopFlag, requeue_slurm_job, restart_count  # noqa: E402
 from dist_train.state import (Progress, Training, apply_checkpoint, choose_resume_checkpoint,  # noqa: E402
-                              restore_rng_state, save_training_state, seed_everything)
-from dist_train.tracking import setup_logging  # noqa: E402
+                              rescale_progress, restore_rng_of_rank, save_training_state, seed_everything)
+from dist_train.tracking import ProgressReport, build_tracker, setup_logging  # noqa: E402
 
 log = logging.getLogger("dist_train.train")
 
@@ -44,48 +45,63 @@ def build_training(config: Config, env: distributed.DistEnv, steps_per_epoch: in
     return Training(model, optimizer, scheduler, scaler)
 
 
+def resume(config: Config, env, training: Training, ckpt_dir: Path) -> tuple[Progress, str | None]:
+    """Load the checkpoint to resume from, if any: (where training continues, its wandb run id)."""
+    checkpoint = choose_resume_checkpoint(ckpt_dir, config.resume, env)
+    if checkpoint is None:
+        return Progress(), None
+    changes = config_differences(checkpoint["config"], checkpoint["world_size"], config, env.world_size)
+    if changes and not config.allow_config_change:
+        raise UserError("this run's settings differ from its checkpoint's, so the resume would not be "
+                        f"exact: {'; '.join(changes)}. Relaunch with the same settings, or pass "
+                        "--allow-config-change")
+    for change in changes:
+        log.warning("resuming with a changed setting (--allow-config-change): %s", change)
+    progress = apply_checkpoint(checkpoint, training)
+    if checkpoint["world_size"] != env.world_size:
+        progress = rescale_progress(progress, checkpoint["world_size"], env.world_size)
+    restore_rng_of_rank(checkpoint, env)  # last: everything above may draw random numbers
+    return progress, checkpoint.get("wandb_run_id")
+
+
 def train(config: Config) -> int:
-    stop_flag = StopFlag().install()  # SIGUSR1/SIGTERM from here on: save at the next step, then exit
+    stop_flag = StopFlag().install()  # SIGUSR1/SIGTERM from here on: save at a step boundary, then exit
+    ckpt_dir = prepare_run_dir(config, is_main=distributed.discover_ranks()[0] == 0)
     env = distributed.setup(config.device, config.deterministic)
+    tracker = None
     try:
-        setup_logging(env.rank)
-        if config.amp == "fp16" and env.device.type != "cuda":
-            raise UserError("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 on CPU")
+        setup_logging(env.rank, config.log_level)
         if "SLURM_JOB_ID" in os.environ:
             log.info("SLURM job %s, restart count %d", os.environ["SLURM_JOB_ID"], restart_count())
-        ckpt_dir = Path(config.run_dir) / "checkpoints"
-        if env.is_main:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temp_files(ckpt_dir)
         seed_everything(config.seed)  # the same initial weights on every rank
         train_set, test_set = data.build_datasets(config, env)
         train_loader = data.build_train_loader(train_set, config, env)
         test_loader = data.build_eval_loader(test_set, config, env)
-        sampler = train_loader.sampler
-        training = build_training(config, env, sampler.batches_per_epoch)
+        training = build_training(config, env, train_loader.sampler.batches_per_epoch)
         seed_everything(config.seed + env.rank)  # per-rank streams (dropout etc.) from here on
-
-        progress = Progress()
-        checkpoint = choose_resume_checkpoint(ckpt_dir, config.resume, env)
-        if checkpoint is not None:
-            progress = apply_checkpoint(checkpoint, training)
-            restore_rng_state(checkpoint["rng_states"][env.rank], env.device)
-            del checkpoint
+        progress, wandb_run_id = resume(config, env, training, ckpt_dir)
         if progress.next_epoch >= config.epochs:
             log.info("run in %s is complete (%d epochs, step %d); nothing to do",
                      config.run_dir, config.epochs, progress.global_step)
             return 0
 
+        if env.is_main:
+            write_config_file(config)  # only now: a refused resume leaves the old one in place
+        tracker = build_tracker(config, env.is_main, wandb_run_id)
+
         def save(loss: float, why: str) -> None:
-            path = save_training_state(ckpt_dir, config.keep, training, progress, loss, config.to_dict(), env)
+            path = save_training_state(ckpt_dir, config.keep, training, progress, loss, config.to_dict(),
+                                       env, tracker.run_id)
             if path:
                 log.info("saved checkpoint %s (epoch %d, step %d, %s)", path, progress.epoch,
                          progress.global_step, why)
+                tracker.log("checkpoint", {"step": progress.global_step, "epoch": progress.epoch},
+                            progress.global_step)
 
         agreement = StopAgreement(env, config.stop_check_every_steps)
         try:
             request = run_epochs(config, env, training, progress, train_loader, test_loader,
-                                 stop_flag, agreement, save)
+                                 stop_flag, agreement, save, tracker)
         finally:
             agreement.close()
         if request == NONE:
@@ -95,36 +111,45 @@ def train(config: Config) -> int:
         return 0
     finally:
         stop_flag.ignore_from_now_on()
+        if tracker is not None:
+            tracker.finish()
         distributed.teardown(env)
 
 
-def run_epochs(config, env, training, progress, train_loader, test_loader, stop_flag, agreement, save) -> int:
+def run_epochs(config, env, training, progress, train_loader, test_loader, stop_flag, agreement, save,
+               tracker) -> int:
     """The epoch loop; returns the stop request all ranks agreed on (NONE when training finished)."""
     sampler = train_loader.sampler
+    report = ProgressReport(env.is_main, config.log_every_steps, env.world_size, config.batch_size)
     for epoch in range(progress.next_epoch, config.epochs):
         sampler.set_epoch(epoch, start_batch=progress.next_batch)
-        batch = progress.next_batch
-        loss = float("nan")
+        report.start_epoch(epoch, progress.next_batch, sampler.batches_per_epoch)
+        batch, loss = progress.next_batch, float("nan")
         for loss_tensor in train_steps(training.model, train_loader, training.optimizer,
                                        training.scheduler, training.scaler, env, config.amp):
             batch += 1
             progress.epoch, progress.global_step = epoch, progress.global_step + 1
             end_of_epoch = batch == sampler.batches_per_epoch
             progress.next_epoch, progress.next_batch = (epoch + 1, 0) if end_of_epoch else (epoch, batch)
-            if progress.global_step % config.log_every_steps == 0 or end_of_epoch:
-                loss = loss_tensor.item()
-                log.info("epoch %d step %d batch %d/%d loss %.4f", epoch, progress.global_step,
-                         batch, sampler.batches_per_epoch, loss)
+            reporting = progress.global_step % config.log_every_steps == 0 or end_of_epoch
+            loss = loss_tensor.item() if reporting else loss
+            lr = training.scheduler.get_last_lr()[0]
+            rate = report.step(batch, progress.global_step, loss if reporting else None, lr)
+            if reporting:
+                tracker.log("train", {"loss": loss, "lr": lr, "samples_per_sec": rate}, progress.global_step)
             request = agreement.poll(stop_flag.request)
             if request != NONE:
+                report.end_epoch()
                 save(loss_tensor.item(), f"stop requested by {stop_flag.signal_name or 'another rank'}")
                 return request
             if config.save_every_steps and progress.global_step % config.save_every_steps == 0 \
                     and not end_of_epoch:
                 save(loss_tensor.item(), "periodic")
+        report.end_epoch()
         if config.eval:
             eval_loss, accuracy = evaluate(training.model, test_loader, env, config.amp)
             log.info("epoch %d eval loss %.4f accuracy %.4f", epoch, eval_loss, accuracy)
+            tracker.log("eval", {"loss": eval_loss, "accuracy": accuracy}, progress.global_step)
         save(loss, "end of epoch")  # and so at the end of training
     return NONE
 

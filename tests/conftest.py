@@ -119,6 +119,18 @@ class Launch:
         return code
 
 
+def kill_and_resume(args: list[str], run_dir: Path, kill_after_steps: list[int], nproc: int) -> list[str]:
+    """Launch, SIGKILL once each listed step was logged, relaunch; finally run to the end."""
+    outputs = []
+    for i, step in enumerate(kill_after_steps):
+        launch = Launch(args, run_dir.parent / f"{run_dir.name}.{i}.log", nproc)
+        launch.wait_for(rf"step {step} batch")
+        launch.kill()
+        outputs.append(launch.output())
+    outputs.append(run(args, nproc).stdout)
+    return outputs
+
+
 def newest_checkpoint(run_dir: Path) -> dict:
     from dist_train.checkpoint import list_checkpoints
 
@@ -177,3 +189,12 @@ def reference_ws2(session_dir) -> Path:
     out = run(SMALL_RUN + ["--run-dir", str(run_dir)], nproc=2).stdout
     assert "training complete: 2 epochs, 24 steps" in out
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def killed_ws1(session_dir) -> tuple[Path, list[str]]:
+    """SMALL_RUN on one process, SIGKILLed mid-epoch 0, right after the epoch 0 boundary and mid-epoch 1,
+    relaunched each time, with wandb logging offline (it must not change the training)."""
+    run_dir = session_dir / "killed_ws1"
+    args = SMALL_RUN + ["--run-dir", str(run_dir), "--wandb-project", "dist-train-tests", "--wandb-mode", "offline"]
+    return run_dir, kill_and_resume(args, run_dir, kill_after_steps=[8, 25, 37], nproc=1)

@@ -6,19 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from conftest import SMALL_RUN, Launch, assert_same_training_state, newest_checkpoint, run
-
-
-def kill_and_resume(args: list[str], run_dir: Path, kill_after_steps: list[int], nproc: int) -> list[str]:
-    """Launch, SIGKILL once each listed step was logged, relaunch; finally run to the end."""
-    outputs = []
-    for i, step in enumerate(kill_after_steps):
-        launch = Launch(args, run_dir.parent / f"{run_dir.name}.{i}.log", nproc)
-        launch.wait_for(rf"step {step} batch")
-        launch.kill()
-        outputs.append(launch.output())
-    outputs.append(run(args, nproc).stdout)
-    return outputs
+from conftest import SMALL_RUN, Launch, assert_same_training_state, kill_and_resume, newest_checkpoint, run
 
 
 def test_single_process_run_saves_every_5_steps_and_at_epoch_ends(reference_ws1):
@@ -29,11 +17,8 @@ def test_single_process_run_saves_every_5_steps_and_at_epoch_ends(reference_ws1)
     assert final["world_size"] == 1 and len(final["rng_states"]) == 1
 
 
-def test_killed_single_process_run_resumes_bit_exactly(reference_ws1, session_dir):
-    run_dir = session_dir / "killed_ws1"
-    args = SMALL_RUN + ["--run-dir", str(run_dir)]
-    # Kills mid-epoch 0, right after the epoch 0 boundary, and mid-epoch 1.
-    outputs = kill_and_resume(args, run_dir, kill_after_steps=[8, 25, 37], nproc=1)
+def test_killed_single_process_run_resumes_bit_exactly(killed_ws1, reference_ws1):
+    run_dir, outputs = killed_ws1
     for out in outputs[1:]:
         assert "resuming from" in out
     assert "training complete" in outputs[-1]

@@ -1,0 +1,148 @@
+"""The dist-train command: train, evaluate, inspect, export, list.
+
+`dist-train train` and `dist-train evaluate` run launch/train.py and launch/evaluate.py of the
+checkout this package sits in, so they are the same scripts (and `torchrun -m dist_train train`
+works as `torchrun launch/train.py` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from dist_train.checkpoint import (CheckpointError, find_latest_valid, list_checkpoints, load_checkpoint,
+                                   read_latest_marker)
+from dist_train.config import OneLineErrorParser, UserError
+
+LAUNCH_DIR = Path(__file__).resolve().parents[1] / "launch"
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def run_launch_script(name: str, argv: list[str]) -> int:
+    path = LAUNCH_DIR / f"{name}.py"
+    if not path.exists():
+        raise UserError(f"dist-train {name} runs {path}, which is missing: use the repository checkout")
+    spec = importlib.util.spec_from_file_location(f"dist_train_launch_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def resolve_checkpoint(target: str) -> tuple[Path, dict]:
+    """A checkpoint file, or the one a resume of a run directory would take."""
+    path = Path(target)
+    if path.is_dir():
+        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        found = find_latest_valid(ckpt_dir)
+        if found is None:
+            raise UserError(f"{target}: no checkpoint in {ckpt_dir}")
+        return found
+    return path, load_checkpoint(path)
+
+
+def describe(path: Path, checkpoint: dict) -> dict:
+    from dist_train.models import build_model
+
+    config = checkpoint.get("config", {})
+    state = checkpoint["model_state_dict"]
+    num_parameters = None
+    try:  # validation: the stored model config builds a model that takes these weights exactly
+        model = build_model(config.get("model", "net"))
+        model.load_state_dict(state)
+        num_parameters = sum(p.numel() for p in model.parameters())
+        validation = "ok"
+    except (UserError, RuntimeError) as error:
+        validation = f"failed: {str(error).splitlines()[0]}"
+    return {"path": str(path), "format_version": checkpoint["format_version"], "epoch": checkpoint["epoch"],
+            "next_epoch": checkpoint["next_epoch"], "next_batch": checkpoint["next_batch"],
+            "global_step": checkpoint["global_step"], "loss": checkpoint["loss"],
+            "world_size": checkpoint["world_size"], "num_parameters": num_parameters,
+            "size_bytes": path.stat().st_size, "loads": True, "validates": validation,
+            "wandb_run_id": checkpoint.get("wandb_run_id"), "config": config}
+
+
+def inspect_command(args) -> int:
+    path, checkpoint = resolve_checkpoint(args.target)
+    info = describe(path, checkpoint)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    for key, value in info.items():
+        if key != "config":
+            print(f"{key:>15}: {value}")
+    print("         config: " + ", ".join(f"{k}={v}" for k, v in sorted(info["config"].items())))
+    return 0 if info["validates"] == "ok" else 1
+
+
+def export_command(args) -> int:
+    import torch
+
+    from dist_train.models import strip_wrapper_prefixes
+
+    path, checkpoint = resolve_checkpoint(args.checkpoint)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+             for k, v in strip_wrapper_prefixes(checkpoint["model_state_dict"]).items()}
+    out = Path(args.out)
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(out), metadata={"source": str(path), "model": str(checkpoint["config"].get("model"))})
+    elif out.suffix == ".pt":
+        torch.save(state, out)
+    else:
+        raise UserError(f"--out {out}: use a .safetensors or .pt file name")
+    print(f"exported {len(state)} tensors of {path} to {out} ({out.stat().st_size} bytes)")
+    return 0
+
+
+def list_command(args) -> int:
+    ckpt_dir = Path(args.run_dir) / "checkpoints"
+    paths = list_checkpoints(ckpt_dir)
+    if not paths:
+        raise UserError(f"{args.run_dir}: no checkpoints in {ckpt_dir}")
+    marker = read_latest_marker(ckpt_dir)
+    resume_choice = None
+    for path in paths:  # newest first
+        try:
+            checkpoint = load_checkpoint(path)
+            status = f"epoch {checkpoint['epoch']} step {checkpoint['global_step']} loss {checkpoint['loss']:.4f}"
+            resume_choice = resume_choice or path
+        except CheckpointError as error:
+            status = f"BROKEN ({str(error).split(': ', 1)[-1]})"
+        tags = [t for t, on in (("resume", path == resume_choice), ("latest", path == marker)) if on]
+        print(f"{path.name}  {path.stat().st_size:>11} bytes  {status}  {' '.join(f'<- {t}' for t in tags)}".rstrip())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(prog="dist-train", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("train", help="train (the flags of launch/train.py; --help lists them)", add_help=False)
+    commands.add_parser("evaluate", help="evaluate a checkpoint (launch/evaluate.py)", add_help=False)
+    inspect = commands.add_parser("inspect", help="what a checkpoint holds, and whether it loads and validates")
+    inspect.add_argument("target", help="a checkpoint file, or a run directory (the checkpoint resume would take)")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    export = commands.add_parser("export", help="model weights only, for inference")
+    export.add_argument("checkpoint", help="a checkpoint file or a run directory")
+    export.add_argument("--out", required=True, help="FILE.safetensors or FILE.pt (a plain state_dict)")
+    export.add_argument("--dtype", choices=DTYPES, help="cast floating-point tensors")
+    listing = commands.add_parser("list", help="a run's checkpoints, newest first")
+    listing.add_argument("run_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] in ("train", "evaluate"):
+            return run_launch_script(argv[0], argv[1:])
+        args = build_parser().parse_args(argv)
+        return {"inspect": inspect_command, "export": export_command, "list": list_command}[args.command](args)
+    except (UserError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+

@@ -1,0 +1,163 @@
+"""The dist-train command, the config file and the config-change check, and bad input: one line,
+a non-zero exit, no traceback, nothing already saved harmed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, SMALL_RUN, newest_checkpoint, python_env
+from dist_train.cli import main as cli_main
+from dist_train.config import parse_config
+
+
+@pytest.fixture
+def restore_signals():
+    """In-process training installs (then ignores) SIGUSR1/SIGTERM handlers: give pytest its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    code = cli_main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def snapshot(run_dir) -> dict:
+    return {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_inspect_a_run_directory_and_json(reference_ws1, capsys):
+    code, out, _ = run_cli(["inspect", str(reference_ws1)], capsys)
+    assert code == 0
+    assert "step_000000048.pt" in out and "validates: ok" in out and "num_parameters: 62006" in out
+    code, out, _ = run_cli(["inspect", str(reference_ws1 / "checkpoints" / "step_000000040.pt"), "--json"], capsys)
+    info = json.loads(out)
+    assert (info["format_version"], info["global_step"], info["world_size"], info["epoch"]) == (1, 40, 1, 1)
+    assert info["loads"] is True and info["config"]["batch_size"] == 16 and info["size_bytes"] > 0
+
+
+def test_list_shows_newest_first_and_the_resume_choice(reference_ws1, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_ws1 / "checkpoints", run_dir / "checkpoints")
+    (run_dir / "checkpoints" / "step_000000048.pt").write_bytes(b"truncated")
+    code, out, _ = run_cli(["list", str(run_dir)], capsys)
+    lines = out.splitlines()
+    assert code == 0 and [line.split()[0] for line in lines] == [
+        "step_000000048.pt", "step_000000045.pt", "step_000000040.pt"]
+    assert "BROKEN" in lines[0] and "<- latest" in lines[0]
+    assert lines[1].endswith("<- resume")
+
+
+@pytest.mark.parametrize("suffix,dtype", [(".safetensors", "bfloat16"), (".pt", None)])
+def test_export_model_weights_for_inference(reference_ws1, tmp_path, capsys, suffix, dtype):
+    out_file = tmp_path / f"weights{suffix}"
+    args = ["export", str(reference_ws1), "--out", str(out_file)] + (["--dtype", dtype] if dtype else [])
+    assert run_cli(args, capsys)[0] == 0
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        weights = load_file(out_file)
+    else:
+        weights = torch.load(out_file, weights_only=True)
+    source = newest_checkpoint(reference_ws1)["model_state_dict"]
+    assert weights.keys() == source.keys()
+    want = torch.bfloat16 if dtype else torch.float32
+    assert all(w.dtype == want and torch.equal(w, source[k].to(want)) for k, w in weights.items())
+
+
+def test_evaluate_subcommand(reference_ws1, capsys):
+    code, out, _ = run_cli(["evaluate", str(reference_ws1 / "checkpoints" / "step_000000048.pt")], capsys)
+    assert code == 0 and "test loss" in out and "(96 images)" in out
+
+
+def test_python_m_dist_train_train_relaunch_of_a_finished_run(reference_ws1):
+    before = snapshot(reference_ws1)
+    result = subprocess.run([sys.executable, "-m", "dist_train", "train", *SMALL_RUN, "--run-dir", str(reference_ws1)],
+                            env=python_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "is complete" in result.stderr
+    assert snapshot(reference_ws1) == before
+
+
+def test_config_file_with_flags_overriding_it(tmp_path):
+    (tmp_path / "c.toml").write_text('epochs = 7\nbatch-size = 32\nmodel = "resnet18"\n')
+    (tmp_path / "c.yaml").write_text("epochs: 5\nlr: 0.5\n")
+    config = parse_config(["--config", str(tmp_path / "c.toml"), "--epochs", "3"], {})
+    assert (config.epochs, config.batch_size, config.model) == (3, 32, "resnet18")
+    assert parse_config(["--config", str(tmp_path / "c.yaml")], {}).lr == 0.5
+
+
+def test_effective_config_is_written_to_the_run_directory(reference_ws1):
+    written = json.loads((reference_ws1 / "config.json").read_text())
+    assert written == newest_checkpoint(reference_ws1)["config"] and written["fake_size"] == 384
+
+
+def test_every_exactness_breaking_change_is_named(reference_ws1, tmp_path, capsys, restore_signals):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_ws1, run_dir)
+    before = snapshot(run_dir)
+    code, _, err = run_cli(["train", *SMALL_RUN, "--run-dir", str(run_dir), "--epochs", "3", "--batch-size", "8",
+                            "--seed", "4"], capsys)
+    assert code == 2 and len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    for change in ("epochs: 2 -> 3", "batch_size: 16 -> 8", "seed: 0 -> 4"):
+        assert change in err
+    assert "--allow-config-change" in err
+    assert snapshot(run_dir) == before
+
+
+def test_allow_config_change_goes_on_and_says_so(reference_ws1, tmp_path, capsys, restore_signals):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_ws1, run_dir)
+    code, _, err = run_cli(["train", *SMALL_RUN, "--run-dir", str(run_dir), "--epochs", "3", "--no-eval",
+                            "--allow-config-change"], capsys)
+    assert code == 0 and "changed setting (--allow-config-change): epochs: 2 -> 3" in err
+    assert newest_checkpoint(run_dir)["global_step"] == 72
+
+
+BAD_INPUTS = {
+    "unknown model": (["--model", "resnet9000"], "unknown model 'resnet9000'"),
+    "unknown dataset": (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    "zero epochs": (["--epochs", "0"], "--epochs must be positive"),
+    "negative batch size": (["--batch-size", "-4"], "--batch-size must be positive"),
+    "zero lr": (["--lr", "0"], "--lr must be positive"),
+    "unknown config key": (["--config", "{tmp}/bad.toml"], "unknown keys colour"),
+    "unwritable run dir": (["--run-dir", "{tmp}/a-file/run"], "is not writable: Not a directory"),
+    "not a checkpoint": (["--resume", "{tmp}/a-file"], "not a loadable checkpoint"),
+    "newer format": (["--resume", "{tmp}/newer.pt"], "format version 99 is newer"),
+    "another architecture": (["--model", "resnet18", "--allow-config-change"],
+                             "another architecture than ResNet: missing keys bn1.bias"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_and_harms_nothing(case, reference_ws1, tmp_path, capsys, restore_signals):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_ws1, run_dir)
+    (tmp_path / "a-file").write_text("not a checkpoint\n")
+    (tmp_path / "bad.toml").write_text('colour = "blue"\n')
+    newer = newest_checkpoint(reference_ws1) | {"format_version": 99}
+    torch.save(newer, tmp_path / "newer.pt")
+    before = snapshot(run_dir)
+    flags, message = BAD_INPUTS[case]
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    code, out, err = run_cli(["train", *SMALL_RUN, "--run-dir", str(run_dir), *flags], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err + out
+    assert snapshot(run_dir) == before
+
+
+def test_inspect_and_evaluate_refuse_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello\n")
+    for command in (["inspect"], ["evaluate"], ["export", "--out", str(tmp_path / "w.pt")]):
+        code, _, err = run_cli([*command, str(tmp_path / "notes.txt")], capsys)
+        assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err

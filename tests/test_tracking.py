@@ -1,0 +1,83 @@
+"""wandb (offline) across kills and resumes, and the progress output on and off a terminal."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import struct
+import subprocess
+import termios
+
+from conftest import REPO, SMALL_RUN, launch_command, newest_checkpoint, python_env
+from dist_train.tracking import run_name
+from wandb_records import read_run
+
+
+def test_wandb_keeps_one_run_across_kills_and_logs_no_step_twice(killed_ws1):
+    run_dir, outputs = killed_ws1
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == len(outputs) == 4  # one offline file per launch
+    runs = [read_run(f) for f in files]
+    run_id = json.loads((run_dir / "wandb.json").read_text())["run_id"]
+    # A killed launch keeps what wandb wrote before the kill (it flushes every second, so a launch
+    # killed within its first second may have written nothing).
+    written = [r for r in runs if r["run_id"] is not None]
+    assert len(written) >= 2 and runs[-1] in written, [len(r["history"]) for r in runs]
+    assert {r["run_id"] for r in written} == {run_id}
+    assert newest_checkpoint(run_dir)["wandb_run_id"] == run_id
+    assert runs[-1]["config"]["batch_size"] == 16 and runs[-1]["config"]["model"] == "net"
+
+    for kind in ("train", "eval", "checkpoint"):
+        steps = [row["_step"] for r in runs for row in r["history"] if f"{kind}/" + _first_key(kind) in row]
+        assert len(steps) == len(set(steps)), f"{kind} steps logged twice: {steps}"
+        assert steps == sorted(steps), f"{kind} steps out of order: {steps}"
+    last = runs[-1]["history"]
+    final = [row for row in last if row["_step"] == 48]
+    merged = {k: v for row in final for k, v in row.items()}
+    assert {"train/loss", "train/lr", "train/samples_per_sec", "eval/loss", "eval/accuracy",
+            "checkpoint/step"} <= set(merged)
+    # The last launch resumed from the checkpoint of step 35 and logged only what was not yet logged.
+    assert min(row["_step"] for row in last) > 37
+
+
+def _first_key(kind: str) -> str:
+    return {"train": "loss", "eval": "loss", "checkpoint": "step"}[kind]
+
+
+def test_array_tasks_get_names_that_say_which_task(monkeypatch):
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    assert run_name("sweep", "runs/7_3") == "sweep"
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert run_name("sweep", "runs/7_3") == "sweep-task3"
+    assert run_name(None, "runs/7_3") == "7_3-task3"
+
+
+def test_plain_progress_lines_where_output_is_not_a_terminal(killed_ws1):
+    out = killed_ws1[1][-1]
+    assert "\r" not in out
+    lines = [line for line in out.splitlines() if " batch " in line and "samples/s" in line]
+    assert len(lines) >= 10 and all(" eta " in line and "[rank 0]" in line for line in lines)
+
+
+def test_a_progress_bar_on_a_terminal(tmp_path):
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a real terminal's size
+    args = ["--dataset", "fake", "--fake-size", "64", "--batch-size", "16", "--epochs", "1",
+            "--num-workers", "0", "--no-eval", "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.Popen(launch_command(args), env=python_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=secondary)
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert proc.wait(timeout=120) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert "\r" in text and "epoch 0" in text and "4/4" in text and "loss=" in text, text[-2000:]
