@@ -170,6 +170,15 @@ def assert_same_training_state(resumed: dict, reference: dict) -> None:
         assert_bitwise_equal(resumed[key], reference[key], key)
 
 
+@pytest.fixture
+def restore_signals():
+    """In-process code installs (then ignores) SIGUSR1/SIGTERM handlers: give pytest its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")

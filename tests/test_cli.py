@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -15,15 +14,6 @@ import torch
 from conftest import REPO, SMALL_RUN, newest_checkpoint, python_env
 from dist_train.cli import main as cli_main
 from dist_train.config import parse_config
-
-
-@pytest.fixture
-def restore_signals():
-    """In-process training installs (then ignores) SIGUSR1/SIGTERM handlers: give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
 
 
 def run_cli(args, capsys) -> tuple[int, str, str]:

@@ -14,14 +14,6 @@ from dist_train.distributed import discover_ranks
 from dist_train.preemption import NONE, REQUEUE, TERMINATE, StopFlag, requeue_slurm_job
 
 
-@pytest.fixture
-def restore_signals():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
-
-
 def test_signals_set_the_strongest_request_once(restore_signals):
     flag = StopFlag().install()
     assert flag.request == NONE

@@ -4,7 +4,6 @@ uninterrupted run ends. Real processes, real SIGKILL of the whole process group.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from conftest import SMALL_RUN, Launch, assert_same_training_state, kill_and_resume, newest_checkpoint, run
 

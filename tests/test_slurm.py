@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SMALL_RUN, assert_same_training_state, newest_checkpoint, python_env, run
+from conftest import REPO, SMALL_RUN, assert_same_training_state, newest_checkpoint, run
 from slurm_cluster import LocalSlurm, missing_binaries
 
 # SMALL_RUN with more images (96 steps an epoch on one rank), so a signal sent at step 3 lands mid-run.

@@ -10,7 +10,7 @@ import struct
 import subprocess
 import termios
 
-from conftest import REPO, SMALL_RUN, launch_command, newest_checkpoint, python_env
+from conftest import REPO, launch_command, newest_checkpoint, python_env
 from dist_train.tracking import run_name
 from wandb_records import read_run
 
