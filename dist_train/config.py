@@ -194,3 +194,8 @@ def validate(config: Config) -> None:
     from dist_train.models import check_model_name
 
     check_model_name(config.model)
+    if config.amp == "fp16":
+        import torch
+
+        if config.device == "cpu" or not torch.cuda.is_available():
+            raise UserError("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 on CPU")

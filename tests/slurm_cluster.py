@@ -111,7 +111,9 @@ class LocalSlurm:
         return out.stdout.split("\n")[:-1] if out.returncode == 0 else []
 
     def scancel(self, *args: str) -> None:
-        subprocess.run(["scancel", *args], env=self.env, check=True, timeout=30)
+        # Its exit status is not checked: scancel reports an error when a step it signals is just
+        # ending, which the tests see in the job output anyway.
+        subprocess.run(["scancel", *args], env=self.env, timeout=30, capture_output=True)
 
     def wait_gone(self, job: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -119,6 +119,7 @@ BAD_INPUTS = {
     "zero epochs": (["--epochs", "0"], "--epochs must be positive"),
     "negative batch size": (["--batch-size", "-4"], "--batch-size must be positive"),
     "zero lr": (["--lr", "0"], "--lr must be positive"),
+    "fp16 without CUDA": (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs CUDA"),
     "unknown config key": (["--config", "{tmp}/bad.toml"], "unknown keys colour"),
     "unwritable run dir": (["--run-dir", "{tmp}/a-file/run"], "is not writable: Not a directory"),
     "not a checkpoint": (["--resume", "{tmp}/a-file"], "not a loadable checkpoint"),

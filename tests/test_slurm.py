@@ -76,7 +76,22 @@ def time_limit_job(slurm, jobs_dir):
     return job
 
 
-def test_sweep_array_usr1_requeues_and_resumes_bit_exactly(slurm, jobs_dir, time_limit_job, tmp_path):
+@pytest.fixture(scope="module")
+def reference_of_seed(tmp_path_factory):
+    """Uninterrupted single-process runs of SLURM_RUN, one per seed, made when first asked for."""
+    made = {}
+
+    def reference(seed: int) -> dict:
+        if seed not in made:
+            run_dir = tmp_path_factory.mktemp(f"reference_seed{seed}")
+            run(SLURM_RUN + ["--seed", str(seed), "--run-dir", str(run_dir)], env_extra={"OMP_NUM_THREADS": "1"})
+            made[seed] = newest_checkpoint(run_dir)
+        return made[seed]
+
+    return reference
+
+
+def test_sweep_array_usr1_requeues_and_resumes_bit_exactly(slurm, jobs_dir, time_limit_job, reference_of_seed):
     (jobs_dir / "sweep.txt").write_text("# seed per task\n--seed 1\n--seed 2\n")
     job = submit(slurm, jobs_dir, ["--array=0-1", "--time=10", "--cpus-per-task=1", "--output=sweep-%A_%a.out"],
                  "sweep.sbatch", SLURM_RUN + ["--sweep-file", "sweep.txt"])
@@ -90,11 +105,26 @@ def test_sweep_array_usr1_requeues_and_resumes_bit_exactly(slurm, jobs_dir, time
     for task, seed in ((0, 1), (1, 2)):
         log = (jobs_dir / f"sweep-{job}_{task}.out").read_text()
         assert_requeued_once_and_finished(log)
-        reference = tmp_path / f"reference_seed{seed}"
-        run(SLURM_RUN + ["--seed", str(seed), "--run-dir", str(reference)], env_extra={"OMP_NUM_THREADS": "1"})
         resumed = newest_checkpoint(jobs_dir / "runs" / f"{job}_{task}")
         assert resumed["config"]["seed"] == seed
-        assert_same_training_state(resumed, newest_checkpoint(reference))
+        assert_same_training_state(resumed, reference_of_seed(seed))
+
+
+def test_chained_array_tasks_continue_one_training(slurm, jobs_dir, time_limit_job, reference_of_seed):
+    job = submit(slurm, jobs_dir, ["--array=0-2%1", "--time=10", "--cpus-per-task=1", "--output=chain-%A.out"],
+                 "chain.sbatch", SLURM_RUN + ["--seed", "1"])
+    out = jobs_dir / f"chain-{job}.out"
+    wait_for_text(out, "step 3 batch")
+    slurm.scancel("--signal=USR1", f"{job}_0")  # task 0 saves and ends; task 1 continues
+    wait_for_text(out, "resuming from")
+    time.sleep(1.0)
+    slurm.scancel("--signal=USR1", f"{job}_1")
+    slurm.wait_gone(job, timeout=240)
+    log = out.read_text()
+    assert log.count("stop requested by SIGUSR1") == 2 and log.count("not requeueing") == 2, log[-4000:]
+    assert log.count("resuming from") == 2 and log.count("training complete") == 1, log[-4000:]
+    resumed = newest_checkpoint(jobs_dir / "runs" / f"chain-{job}")
+    assert_same_training_state(resumed, reference_of_seed(1))
 
 
 def test_two_node_job_requeues_and_resumes_bit_exactly(slurm, jobs_dir, time_limit_job, tmp_path):
