@@ -29,6 +29,7 @@ def test_killed_two_rank_torchrun_resumes_bit_exactly(reference_ws2, session_dir
     args = SMALL_RUN + ["--run-dir", str(run_dir)]
     outputs = kill_and_resume(args, run_dir, kill_after_steps=[7, 16], nproc=2)
     assert all("resuming from" in out for out in outputs[1:])
+    assert not any("[rank 1] INFO" in out for out in outputs)  # at INFO only rank 0 speaks
     final = newest_checkpoint(run_dir)
     assert final["world_size"] == 2 and len(final["rng_states"]) == 2
     assert_same_training_state(final, newest_checkpoint(reference_ws2))

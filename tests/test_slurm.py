@@ -151,3 +151,23 @@ def test_time_limit_signal_saves_requeues_and_finishes(slurm, jobs_dir, time_lim
     # jobcomp records a requeued run as PENDING; the last run completes.
     states = slurm.job_states(time_limit_job)
     assert states[-1] == ":COMPLETED" and states[:-1] == [":PENDING"] * log.count("requeueing SLURM job"), states
+
+
+def test_srun_torchrun_one_agent_per_node_trains(slurm, jobs_dir, time_limit_job):
+    """torchrun's variables win over srun's: one torchrun per node, two ranks each, four in all."""
+    script = jobs_dir / "srun_torchrun.sbatch"
+    script.write_text(f"""#!/bin/bash
+set -euo pipefail
+HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+srun --ntasks-per-node=1 {sys.executable} -m torch.distributed.run --nnodes="$SLURM_NNODES" \\
+  --nproc_per_node=2 --rdzv_backend=c10d --rdzv_endpoint="$HEAD:$((20000 + SLURM_JOB_ID % 10000))" \\
+  --rdzv_id="$SLURM_JOB_ID" launch/train.py "$@"
+""")
+    job = slurm.sbatch("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2", "--time=10",
+                       "--output=torchrun-%j.out", f"--export=ALL,PYTHONPATH={REPO}", str(script),
+                       "--dataset", "fake", "--fake-size", "128", "--batch-size", "8", "--epochs", "1",
+                       "--num-workers", "0", "--run-dir", "runs/srun-torchrun", cwd=jobs_dir)
+    slurm.wait_gone(job, timeout=180)
+    log = (jobs_dir / f"torchrun-{job}.out").read_text()
+    assert "training complete: 1 epochs, 4 steps" in log, log[-4000:]
+    assert newest_checkpoint(jobs_dir / "runs" / "srun-torchrun")["world_size"] == 4
