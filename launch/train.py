@@ -38,11 +38,27 @@ def build_training(config: Config, env: distributed.DistEnv, steps_per_epoch: in
     model = build_model(config.model).to(env.device)
     if env.distributed:
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        settle_gradient_buckets(model, env)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, config.lr_schedule, config.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
     return Training(model, optimizer, scheduler, scaler)
+
+
+def settle_gradient_buckets(model: DDP, env) -> None:
+    """Two throw-away steps on zeros, so that DDP lays out its gradient buckets now.
+
+    DDP reorders its buckets after the first backward; the all-reduce then sums each element
+    in an order that depends on the layout. Were the first real step of a fresh run, or the
+    first step after a resume, made with the initial layout, runs with more than two ranks
+    would not resume bit for bit. The model state is put back afterwards."""
+    state = {k: v.clone() for k, v in model.module.state_dict().items()}
+    inputs = torch.zeros(2, 3, 32, 32, device=env.device)
+    for _ in range(2):
+        model(inputs).float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    model.module.load_state_dict(state)
 
 
 def resume(config: Config, env, training: Training, ckpt_dir: Path) -> tuple[Progress, str | None]:

@@ -53,15 +53,14 @@ def test_the_recipes_loading_code_reads_a_checkpoint(reference_ws2):
     assert all(not k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model_state_dict"])
 
 
-def test_four_ranks_on_two_cores_with_bf16_autocast(session_dir):
-    run_dir = session_dir / "ws4"
-    out = run(["--dataset", "fake", "--fake-size", "128", "--batch-size", "8", "--epochs", "1",
-               "--num-workers", "0", "--amp", "bf16", "--run-dir", str(run_dir)], nproc=4).stdout
+def test_bf16_autocast_trains_with_fp32_weights(tmp_path):
+    run_dir = tmp_path / "bf16"
+    out = run(["--dataset", "fake", "--fake-size", "64", "--batch-size", "16", "--epochs", "1",
+               "--num-workers", "0", "--amp", "bf16", "--run-dir", str(run_dir)]).stdout
     assert "training complete: 1 epochs, 4 steps" in out
     final = newest_checkpoint(run_dir)
-    assert final["world_size"] == 4 and len(final["rng_states"]) == 4
     assert final["config"]["amp"] == "bf16" and final["scaler_state_dict"] is None
-    assert all(t.dtype == torch.float32 for t in final["model_state_dict"].values())  # autocast, fp32 weights
+    assert all(t.dtype == torch.float32 for t in final["model_state_dict"].values())
 
 
 def test_relaunching_a_finished_run_says_complete(reference_ws1):
