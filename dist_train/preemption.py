@@ -13,11 +13,13 @@ import logging
 import os
 import signal
 import subprocess
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    from dist_train.distributed import DistEnv
 
-from dist_train.distributed import DistEnv
+# torch is imported where it is used: the training script installs StopFlag before importing
+# torch (seconds), so that a signal during start-up is kept rather than fatal.
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ class StopAgreement:
     """
 
     def __init__(self, env: DistEnv, every: int = 1):
+        import torch.distributed as dist
+
         self.env, self.every = env, every
         self._group = dist.new_group(backend="gloo") if env.distributed else None
         self._pending = None  # (work, tensor) of the all-reduce in flight
@@ -70,6 +74,9 @@ class StopAgreement:
         """Called at each step boundary on every rank; returns the request all ranks agree on."""
         if not self.env.distributed:
             return local_request
+        import torch
+        import torch.distributed as dist
+
         self._boundaries += 1
         if self._boundaries % self.every:
             return NONE

@@ -17,6 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 
+from dist_train.preemption import NONE, REQUEUE, StopAgreement, StopFlag, requeue_slurm_job, restart_count  # noqa: E402
+
+# SIGUSR1/SIGTERM from here on only set a flag: the loop saves at a step boundary, then exits.
+# Installed before importing torch (seconds), so that a signal during start-up is not fatal.
+STOP_FLAG = StopFlag().install()
+
 import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
@@ -25,7 +31,6 @@ from dist_train.checkpoint import CheckpointError, prepare_run_dir, write_config
 from dist_train.config import Config, UserError, config_differences, parse_config  # noqa: E402
 from dist_train.loop import build_scheduler, evaluate, train_steps  # noqa: E402
 from dist_train.models import build_model  # noqa: E402
-from dist_train.preemption import NONE, REQUEUE, StopAgreement, StopFlag, requeue_slurm_job, restart_count  # noqa: E402
 from dist_train.state import (Progress, Training, apply_checkpoint, choose_resume_checkpoint,  # noqa: E402
                               rescale_progress, restore_rng_of_rank, save_training_state, seed_everything)
 from dist_train.tracking import ProgressReport, build_tracker, setup_logging  # noqa: E402
@@ -80,8 +85,7 @@ def resume(config: Config, env, training: Training, ckpt_dir: Path) -> tuple[Pro
     return progress, checkpoint.get("wandb_run_id")
 
 
-def train(config: Config) -> int:
-    stop_flag = StopFlag().install()  # SIGUSR1/SIGTERM from here on: save at a step boundary, then exit
+def train(config: Config, stop_flag: StopFlag) -> int:
     ckpt_dir = prepare_run_dir(config, is_main=distributed.discover_ranks()[0] == 0)
     env = distributed.setup(config.device, config.deterministic)
     tracker = None
@@ -172,7 +176,7 @@ def run_epochs(config, env, training, progress, train_loader, test_loader, stop_
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return train(parse_config(argv))
+        return train(parse_config(argv), STOP_FLAG)
     except (UserError, CheckpointError) as error:
         if distributed.discover_ranks()[0] == 0:
             print(f"error: {error}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 from conftest import SMALL_RUN, Launch, assert_same_training_state, newest_checkpoint, process_tree, run
@@ -54,3 +55,15 @@ def test_killed_worker_under_max_restarts_resumes_and_finishes(reference_ws2, se
     out = launch.output()
     assert "resuming from" in out and "training complete" in out, out[-3000:]
     assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference_ws2))
+
+
+def test_a_signal_during_start_up_is_kept_and_acted_on_at_the_first_step(tmp_path):
+    run_dir = tmp_path / "run"
+    launch = Launch(SMALL_RUN + ["--run-dir", str(run_dir)], tmp_path / "startup.log")
+    time.sleep(1.0)  # the handler is in place within milliseconds; torch takes seconds to import
+    assert "step 1 batch" not in launch.output()
+    os.kill(launch.proc.pid, signal.SIGUSR1)
+    assert launch.wait(timeout=120) == 0
+    out = launch.output()
+    assert "stop requested by SIGUSR1" in out and "outside a SLURM job" in out, out[-3000:]
+    assert newest_checkpoint(run_dir)["global_step"] == 1
