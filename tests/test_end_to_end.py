@@ -38,10 +38,10 @@ class RecipeNet(nn.Module):
 
 def test_the_recipes_loading_code_reads_a_checkpoint(reference_ws2):
     PATH = sorted((reference_ws2 / "checkpoints").glob("step_*.pt"))[-1]
-    # The recipe's loading steps, unchanged but for weights_only=True.
+    # The recipe's loading steps, unchanged.
     model = RecipeNet()
     optimizer = optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-    checkpoint = torch.load(PATH, weights_only=True)
+    checkpoint = torch.load(PATH)  # torch >= 2.6 loads with weights_only=True by default
     model.load_state_dict(checkpoint['model_state_dict'])
     optimizer.load_state_dict(checkpoint['optimizer_state_dict'])
     epoch = checkpoint['epoch']
