@@ -8,6 +8,7 @@ import os
 import pty
 import struct
 import subprocess
+import sys
 import termios
 
 from conftest import REPO, launch_command, newest_checkpoint, python_env
@@ -81,3 +82,16 @@ def test_a_progress_bar_on_a_terminal(tmp_path):
     assert proc.wait(timeout=120) == 0
     text = b"".join(chunks).decode(errors="replace")
     assert "\r" in text and "epoch 0" in text and "4/4" in text and "loss=" in text, text[-2000:]
+
+
+def test_wandb_is_not_imported_when_off(tmp_path):
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['train.py', '--dataset', 'fake', '--fake-size', '32', '--batch-size', '16', "
+            f"'--epochs', '1', '--num-workers', '0', '--no-eval', '--run-dir', '{tmp_path / 'run'}']\n"
+            "try:\n    runpy.run_path('launch/train.py', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print('wandb imported:', 'wandb' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], env=python_env(), cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert "training complete" in result.stderr, result.stderr[-2000:]
+    assert "wandb imported: False" in result.stdout
