@@ -22,11 +22,11 @@ def test_wandb_keeps_one_run_across_kills_and_logs_no_step_twice(killed_ws1):
     assert len(files) == len(outputs) == 4  # one offline file per launch
     runs = [read_run(f) for f in files]
     run_id = json.loads((run_dir / "wandb.json").read_text())["run_id"]
-    # A killed launch keeps what wandb wrote before the kill (it flushes every second, so a launch
-    # killed within its first second may have written nothing).
+    # Every launch re-opened the same run. A killed launch keeps only what wandb wrote before the
+    # kill (it flushes every second), possibly nothing.
+    assert all(f"wandb run {run_id} (offline mode)" in out for out in outputs)
     written = [r for r in runs if r["run_id"] is not None]
-    assert len(written) >= 2 and runs[-1] in written, [len(r["history"]) for r in runs]
-    assert {r["run_id"] for r in written} == {run_id}
+    assert runs[-1] in written and {r["run_id"] for r in written} == {run_id}
     assert newest_checkpoint(run_dir)["wandb_run_id"] == run_id
     assert runs[-1]["config"]["batch_size"] == 16 and runs[-1]["config"]["model"] == "net"
 
