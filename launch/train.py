@@ -38,12 +38,13 @@ from dist_train.tracking import ProgressReport, build_tracker, setup_logging  # 
 log = logging.getLogger("dist_train.train")
 
 
-def build_training(config: Config, env: distributed.DistEnv, steps_per_epoch: int) -> Training:
+def build_training(config: Config, env: distributed.DistEnv, steps_per_epoch: int,
+                   input_shape: torch.Size) -> Training:
     """Model (DDP-wrapped when world size > 1), SGD with momentum as in the recipe, LR schedule, scaler."""
     model = build_model(config.model).to(env.device)
     if env.distributed:
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-        settle_gradient_buckets(model, env)
+        settle_gradient_buckets(model, env, input_shape)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, config.lr_schedule, config.epochs * steps_per_epoch)
@@ -51,7 +52,7 @@ def build_training(config: Config, env: distributed.DistEnv, steps_per_epoch: in
     return Training(model, optimizer, scheduler, scaler)
 
 
-def settle_gradient_buckets(model: DDP, env) -> None:
+def settle_gradient_buckets(model: DDP, env, input_shape: torch.Size) -> None:
     """Two throw-away steps on zeros, so that DDP lays out its gradient buckets now.
 
     DDP reorders its buckets after the first backward; the all-reduce then sums each element
@@ -59,7 +60,7 @@ def settle_gradient_buckets(model: DDP, env) -> None:
     first step after a resume, made with the initial layout, runs with more than two ranks
     would not resume bit for bit. The model state is put back afterwards."""
     state = {k: v.clone() for k, v in model.module.state_dict().items()}
-    inputs = torch.zeros(2, 3, 32, 32, device=env.device)
+    inputs = torch.zeros(2, *input_shape, device=env.device)
     for _ in range(2):
         model(inputs).float().sum().backward()
     model.zero_grad(set_to_none=True)
@@ -97,7 +98,8 @@ def train(config: Config, stop_flag: StopFlag) -> int:
         train_set, test_set = data.build_datasets(config, env)
         train_loader = data.build_train_loader(train_set, config, env)
         test_loader = data.build_eval_loader(test_set, config, env)
-        training = build_training(config, env, train_loader.sampler.batches_per_epoch)
+        input_shape = train_set[(0, 0)][0].shape  # one sample (seeded, so no RNG is drawn)
+        training = build_training(config, env, train_loader.sampler.batches_per_epoch, input_shape)
         seed_everything(config.seed + env.rank)  # per-rank streams (dropout etc.) from here on
         progress, wandb_run_id = resume(config, env, training, ckpt_dir)
         if progress.next_epoch >= config.epochs:
