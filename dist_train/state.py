@@ -131,17 +131,15 @@ def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress:
 
 
 def choose_resume_checkpoint(ckpt_dir: Path, explicit: str | None, env: DistEnv) -> dict | None:
-    """Collective: the main rank picks the file (explicit, else newest valid), every rank loads it
-    onto its own device. None for a fresh start."""
-    choice, problem = None, None
+    """Collective: the main rank picks the file (explicit, else newest valid) and broadcasts its path;
+    every rank has it loaded onto its own device. None for a fresh start."""
+    choice, problem, checkpoint = None, None, None
     if env.is_main:
         try:
             if explicit:
-                choice = str(explicit)
-                load_checkpoint(Path(explicit), "cpu")  # fail here, on one rank, with a clear message
-            else:
-                found = find_latest_valid(ckpt_dir, "cpu")
-                choice = str(found[0]) if found else None
+                choice, checkpoint = explicit, load_checkpoint(Path(explicit), env.device)
+            elif found := find_latest_valid(ckpt_dir, env.device):
+                choice, checkpoint = str(found[0]), found[1]
         except CheckpointError as error:
             problem = str(error)
     choice, problem = broadcast_from_main((choice, problem), env)
@@ -149,7 +147,8 @@ def choose_resume_checkpoint(ckpt_dir: Path, explicit: str | None, env: DistEnv)
         raise UserError(problem)
     if choice is None:
         return None
-    checkpoint = load_checkpoint(Path(choice), map_location=env.device)
+    if checkpoint is None:  # the other ranks read the file the main rank chose
+        checkpoint = load_checkpoint(Path(choice), map_location=env.device)
     log.info("resuming from %s (epoch %d, step %d)", choice, checkpoint["epoch"], checkpoint["global_step"])
     return checkpoint
 
