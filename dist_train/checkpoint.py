@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dist_train.config import UserError
+from dist_train.config import CheckpointError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +23,6 @@ RECIPE_KEYS = ("model_state_dict", "optimizer_state_dict", "epoch", "loss")
 REQUIRED_KEYS = RECIPE_KEYS + ("format_version", "global_step", "next_epoch", "next_batch", "world_size")
 LATEST = "latest"
 _NAME = re.compile(r"^step_(\d+)\.pt$")
-
-
-class CheckpointError(Exception):
-    """A file that is not a loadable checkpoint of this format."""
 
 
 def checkpoint_path(ckpt_dir: Path, global_step: int) -> Path:

@@ -1,38 +1,42 @@
 """The dist-train command: train, evaluate, inspect, export, list.
 
-`dist-train train` and `dist-train evaluate` run launch/train.py and launch/evaluate.py of the
-checkout this package sits in, so they are the same scripts (and `torchrun -m dist_train train`
-works as `torchrun launch/train.py` does).
+`dist-train train` and `dist-train evaluate` run the same code as launch/train.py and
+launch/evaluate.py (dist_train/train.py, dist_train/evaluate.py), so an installed package needs no
+checkout; `torchrun -m dist_train train` works as `torchrun launch/train.py` does.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
-from dist_train.checkpoint import (CheckpointError, find_latest_valid, list_checkpoints, load_checkpoint,
-                                   read_latest_marker)
-from dist_train.config import OneLineErrorParser, UserError
+from dist_train.config import CheckpointError, OneLineErrorParser, UserError
+from dist_train.preemption import StopFlag
 
-LAUNCH_DIR = Path(__file__).resolve().parents[1] / "launch"
+# torch is imported below the signal flag: `dist-train train` installs the flag first, as
+# launch/train.py does, so that a signal during the seconds of `import torch` is kept.
 DTYPES = ("bfloat16", "float16", "float32")
 
 
-def run_launch_script(name: str, argv: list[str]) -> int:
-    path = LAUNCH_DIR / f"{name}.py"
-    if not path.exists():
-        raise UserError(f"dist-train {name} runs {path}, which is missing: use the repository checkout")
-    spec = importlib.util.spec_from_file_location(f"dist_train_launch_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+def run_training(argv: list[str]) -> int:
+    stop_flag = StopFlag().install()
+    from dist_train.train import main
+
+    return main(argv, stop_flag)
+
+
+def run_evaluation(argv: list[str]) -> int:
+    from dist_train.evaluate import main
+
+    return main(argv)
 
 
 def resolve_checkpoint(target: str) -> tuple[Path, dict]:
     """A checkpoint file, or the one a resume of a run directory would take."""
+    from dist_train.checkpoint import find_latest_valid, load_checkpoint
+
     path = Path(target)
     if path.is_dir():
         ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
@@ -100,6 +104,8 @@ def export_command(args) -> int:
 
 
 def list_command(args) -> int:
+    from dist_train.checkpoint import list_checkpoints, load_checkpoint, read_latest_marker
+
     ckpt_dir = Path(args.run_dir) / "checkpoints"
     paths = list_checkpoints(ckpt_dir)
     if not paths:
@@ -138,8 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv and argv[0] in ("train", "evaluate"):
-            return run_launch_script(argv[0], argv[1:])
+        if argv and argv[0] == "train":
+            return run_training(argv[1:])
+        if argv and argv[0] == "evaluate":
+            return run_evaluation(argv[1:])
         args = build_parser().parse_args(argv)
         return {"inspect": inspect_command, "export": export_command, "list": list_command}[args.command](args)
     except (UserError, CheckpointError) as error:

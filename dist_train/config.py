@@ -15,6 +15,11 @@ class UserError(ValueError):
     """A mistake the user can fix; reported as one line and a non-zero exit, never a traceback."""
 
 
+class CheckpointError(Exception):
+    """A file that is not a loadable checkpoint of this format (defined here, torch-free, so that
+    the dist-train command can catch it before importing torch)."""
+
+
 def _opt(default, help, **kwargs):
     return field(default=default, metadata={"help": help, **kwargs})
 

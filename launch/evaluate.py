@@ -2,66 +2,15 @@
 
     python launch/evaluate.py runs/default/checkpoints/step_000000500.pt --dataset fake
 
-The model and data settings default to those stored in the checkpoint.
+The code is dist_train/evaluate.py; `dist-train evaluate` runs the same.
 """
 
-from __future__ import annotations
-
-import dataclasses
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs without installing
 
-from dist_train import data  # noqa: E402
-from dist_train.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from dist_train.config import Config, OneLineErrorParser, UserError, validate  # noqa: E402
-from dist_train.distributed import DistEnv, pick_device  # noqa: E402
-from dist_train.loop import evaluate  # noqa: E402
-from dist_train.models import build_model, strip_wrapper_prefixes  # noqa: E402
-
-
-def parse_args(argv):
-    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a checkpoint file written by launch/train.py")
-    parser.add_argument("--dataset", choices=("cifar10", "fake"), help="default: the checkpoint's")
-    parser.add_argument("--data-dir", help="default: the checkpoint's")
-    parser.add_argument("--fake-size", type=int, help="default: the checkpoint's")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    return parser.parse_args(argv)
-
-
-def evaluate_checkpoint(args) -> tuple[float, float, int]:
-    device = pick_device(args.device, 0)
-    checkpoint = load_checkpoint(Path(args.checkpoint), map_location=device)
-    overrides = {k: v for k, v in vars(args).items()
-                 if k in ("dataset", "data_dir", "fake_size", "batch_size", "num_workers") and v is not None}
-    known = {f.name for f in dataclasses.fields(Config)}
-    stored = {k: v for k, v in checkpoint.get("config", {}).items() if k in known}
-    config = dataclasses.replace(Config(**stored), **overrides)
-    validate(config)
-
-    model = build_model(config.model).to(device)
-    model.load_state_dict(strip_wrapper_prefixes(checkpoint["model_state_dict"]))
-    model.eval()
-    env = DistEnv(rank=0, local_rank=0, world_size=1, device=device)
-    _, test_set = data.build_datasets(config, env)
-    loss, accuracy = evaluate(model, data.build_eval_loader(test_set, config, env), env)
-    return loss, accuracy, len(test_set)
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-        loss, accuracy, count = evaluate_checkpoint(args)
-    except (UserError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"{args.checkpoint}: test loss {loss:.4f} accuracy {accuracy:.4f} ({count} images)")
-    return 0
-
+from dist_train.evaluate import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

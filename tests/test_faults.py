@@ -10,6 +10,8 @@ from pathlib import Path
 
 from conftest import SMALL_RUN, Launch, assert_same_training_state, newest_checkpoint, process_tree, run
 
+from dist_train import exits
+
 
 def worker_pid(agent_pid: int, rank: int) -> int:
     """The pid of torchrun's worker process of `rank`, not one of its DataLoader workers (which
@@ -63,7 +65,7 @@ def test_a_signal_during_start_up_is_kept_and_acted_on_at_the_first_step(tmp_pat
     time.sleep(1.0)  # the handler is in place within milliseconds; torch takes seconds to import
     assert "step 1 batch" not in launch.output()
     os.kill(launch.proc.pid, signal.SIGUSR1)
-    assert launch.wait(timeout=120) == 0
+    assert launch.wait(timeout=120) == exits.STOPPED  # saved, not requeued: not a finished run
     out = launch.output()
     assert "stop requested by SIGUSR1" in out and "outside a SLURM job" in out, out[-3000:]
     assert newest_checkpoint(run_dir)["global_step"] == 1

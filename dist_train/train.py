@@ -1,0 +1,180 @@
+"""The training script: DDP, general checkpoints that resume bit for bit, signals, requeue.
+
+`launch/train.py` and `dist-train train` run `main` (see launch/train.py for the launches).
+Relaunching the same command resumes from the newest valid checkpoint in RUN_DIR/checkpoints/.
+The steps follow PyTorch's recipe "Saving and loading a general checkpoint".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dist_train import data, distributed, exits
+from dist_train.checkpoint import CheckpointError, prepare_run_dir, write_config_file
+from dist_train.config import Config, UserError, config_differences, parse_config
+from dist_train.loop import build_scheduler, evaluate, train_steps
+from dist_train.models import build_model
+from dist_train.preemption import NONE, REQUEUE, TERMINATE, StopAgreement, StopFlag, requeue_slurm_job, restart_count
+from dist_train.state import (Progress, Training, apply_checkpoint, choose_resume_checkpoint,
+                              rescale_progress, restore_rng_of_rank, save_training_state, seed_everything)
+from dist_train.tracking import ProgressReport, build_tracker, setup_logging
+
+log = logging.getLogger("dist_train.train")
+
+
+def build_training(config: Config, env: distributed.DistEnv, steps_per_epoch: int,
+                   input_shape: torch.Size) -> Training:
+    """Model (DDP-wrapped when world size > 1), SGD with momentum as in the recipe, LR schedule, scaler."""
+    model = build_model(config.model).to(env.device)
+    if env.distributed:
+        model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        settle_gradient_buckets(model, env, input_shape)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = build_scheduler(optimizer, config.lr_schedule, config.epochs * steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
+    return Training(model, optimizer, scheduler, scaler)
+
+
+def settle_gradient_buckets(model: DDP, env, input_shape: torch.Size) -> None:
+    """Two throw-away steps on zeros, so that DDP lays out its gradient buckets now.
+
+    DDP reorders its buckets after the first backward; the all-reduce then sums each element
+    in an order that depends on the layout. Were the first real step of a fresh run, or the
+    first step after a resume, made with the initial layout, runs with more than two ranks
+    would not resume bit for bit. The model state is put back afterwards."""
+    state = {k: v.clone() for k, v in model.module.state_dict().items()}
+    inputs = torch.zeros(2, *input_shape, device=env.device)
+    for _ in range(2):
+        model(inputs).float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    model.module.load_state_dict(state)
+
+
+def resume(config: Config, env, training: Training, ckpt_dir: Path) -> tuple[Progress, str | None]:
+    """Load the checkpoint to resume from, if any: (where training continues, its wandb run id)."""
+    checkpoint = choose_resume_checkpoint(ckpt_dir, config.resume, env)
+    if checkpoint is None:
+        return Progress(), None
+    changes = config_differences(checkpoint["config"], checkpoint["world_size"], config, env.world_size)
+    if changes and not config.allow_config_change:
+        raise UserError("this run's settings differ from its checkpoint's, so the resume would not be "
+                        f"exact: {'; '.join(changes)}. Relaunch with the same settings, or pass "
+                        "--allow-config-change")
+    for change in changes:
+        log.warning("resuming with a changed setting (--allow-config-change): %s", change)
+    progress = apply_checkpoint(checkpoint, training)
+    if checkpoint["world_size"] != env.world_size:
+        progress = rescale_progress(progress, checkpoint["world_size"], env.world_size)
+    restore_rng_of_rank(checkpoint, env)  # last: everything above may draw random numbers
+    return progress, checkpoint.get("wandb_run_id")
+
+
+def train(config: Config, stop_flag: StopFlag) -> int:
+    ckpt_dir = prepare_run_dir(config, is_main=distributed.discover_ranks()[0] == 0)
+    env = distributed.setup(config.device, config.deterministic)
+    tracker = None
+    try:
+        setup_logging(env.rank, config.log_level)
+        if "SLURM_JOB_ID" in os.environ:
+            log.info("SLURM job %s, restart count %d", os.environ["SLURM_JOB_ID"], restart_count())
+        seed_everything(config.seed)  # the same initial weights on every rank
+        train_set, test_set = data.build_datasets(config, env)
+        train_loader = data.build_train_loader(train_set, config, env)
+        test_loader = data.build_eval_loader(test_set, config, env)
+        input_shape = train_set[(0, 0)][0].shape  # one sample (seeded, so no RNG is drawn)
+        training = build_training(config, env, train_loader.sampler.batches_per_epoch, input_shape)
+        seed_everything(config.seed + env.rank)  # per-rank streams (dropout etc.) from here on
+        progress, wandb_run_id = resume(config, env, training, ckpt_dir)
+        if progress.next_epoch >= config.epochs:
+            log.info("run in %s is complete (%d epochs, step %d); nothing to do",
+                     config.run_dir, config.epochs, progress.global_step)
+            return exits.COMPLETE
+
+        if env.is_main:
+            write_config_file(config)  # only now: a refused resume leaves the old one in place
+        tracker = build_tracker(config, env.is_main, wandb_run_id)
+
+        def save(loss: float, why: str) -> None:
+            path = save_training_state(ckpt_dir, config.keep, training, progress, loss, config.to_dict(),
+                                       env, tracker.run_id)
+            if path:
+                log.info("saved checkpoint %s (epoch %d, step %d, %s)", path, progress.epoch,
+                         progress.global_step, why)
+                tracker.log("checkpoint", {"step": progress.global_step, "epoch": progress.epoch},
+                            progress.global_step)
+
+        agreement = StopAgreement(env, config.stop_check_every_steps)
+        try:
+            request = run_epochs(config, env, training, progress, train_loader, test_loader,
+                                 stop_flag, agreement, save, tracker)
+        finally:
+            agreement.close()
+        if request == NONE:
+            log.info("training complete: %d epochs, %d steps", config.epochs, progress.global_step)
+            return exits.COMPLETE
+        if request == TERMINATE:
+            return exits.TERMINATED
+        # REQUEUE: the main rank asks SLURM; every rank exits with what came of it.
+        requeued = requeue_slurm_job(config.max_requeues) if env.is_main else None
+        return exits.COMPLETE if distributed.broadcast_from_main(requeued, env) else exits.STOPPED
+    finally:
+        stop_flag.ignore_from_now_on()
+        if tracker is not None:
+            tracker.finish()
+        distributed.teardown(env)
+
+
+def run_epochs(config, env, training, progress, train_loader, test_loader, stop_flag, agreement, save,
+               tracker) -> int:
+    """The epoch loop; returns the stop request all ranks agreed on (NONE when training finished)."""
+    sampler = train_loader.sampler
+    report = ProgressReport(env.is_main, config.log_every_steps, env.world_size, config.batch_size)
+    for epoch in range(progress.next_epoch, config.epochs):
+        sampler.set_epoch(epoch, start_batch=progress.next_batch)
+        report.start_epoch(epoch, progress.next_batch, sampler.batches_per_epoch)
+        batch, loss = progress.next_batch, float("nan")
+        for loss_tensor in train_steps(training.model, train_loader, training.optimizer,
+                                       training.scheduler, training.scaler, env, config.amp):
+            batch += 1
+            progress.epoch, progress.global_step = epoch, progress.global_step + 1
+            end_of_epoch = batch == sampler.batches_per_epoch
+            progress.next_epoch, progress.next_batch = (epoch + 1, 0) if end_of_epoch else (epoch, batch)
+            reporting = progress.global_step % config.log_every_steps == 0 or end_of_epoch
+            loss = loss_tensor.item() if reporting else loss
+            lr = training.scheduler.get_last_lr()[0]
+            rate = report.step(batch, progress.global_step, loss if reporting else None, lr)
+            if reporting:
+                tracker.log("train", {"loss": loss, "lr": lr, "samples_per_sec": rate}, progress.global_step)
+            request = agreement.poll(stop_flag.request)
+            if request != NONE:
+                report.end_epoch()
+                save(loss_tensor.item(), f"stop requested by {stop_flag.signal_name or 'another rank'}")
+                return request
+            if config.save_every_steps and progress.global_step % config.save_every_steps == 0 \
+                    and not end_of_epoch:
+                save(loss_tensor.item(), "periodic")
+        report.end_epoch()
+        if config.eval:
+            eval_loss, accuracy = evaluate(training.model, test_loader, env, config.amp)
+            log.info("epoch %d eval loss %.4f accuracy %.4f", epoch, eval_loss, accuracy)
+            tracker.log("eval", {"loss": eval_loss, "accuracy": accuracy}, progress.global_step)
+        save(loss, "end of epoch")  # and so at the end of training
+    return NONE
+
+
+def main(argv: list[str] | None = None, stop_flag: StopFlag | None = None) -> int:
+    """Train; `stop_flag` is the one the entry point installed before importing torch."""
+    stop_flag = stop_flag or StopFlag().install()
+    try:
+        return train(parse_config(argv), stop_flag)
+    except (UserError, CheckpointError) as error:
+        if distributed.discover_ranks()[0] == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return exits.USER_ERROR
