@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -58,26 +59,66 @@ def slurm_master_addr_port(environ=os.environ) -> tuple[str, str]:
     return addr, port
 
 
-def pick_device(choice: str, local_rank: int) -> torch.device:
-    """cuda:LOCAL_RANK where CUDA is asked for (or available with 'auto'), else cpu."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available here; use --device cpu")
-    if choice == "cpu" or not torch.cuda.is_available():
+def pick_device(choice: str, local_rank: int, num_visible: int, num_node_gpus: int | None = None) -> torch.device:
+    """The device of this rank, from what it can see (a pure function, so tests need no GPU).
+
+    num_visible: the CUDA devices this process sees (torch.cuda.device_count()).
+    num_node_gpus: the GPUs SLURM gave all tasks of this node together, where known. When a
+    task sees fewer (--gpus-per-task, --gpu-bind), each task has its own subset and its rank
+    takes cuda:(LOCAL_RANK % visible); otherwise every rank sees the node's GPUs and takes
+    cuda:LOCAL_RANK, which must exist: nccl needs one GPU per rank."""
+    if choice == "cpu":
         return torch.device("cpu")
+    if num_visible == 0:
+        if choice == "cuda":
+            raise UserError("--device cuda was asked for but CUDA is not available here; use --device cpu")
+        return torch.device("cpu")
+    if num_node_gpus is not None and num_visible < num_node_gpus:
+        return torch.device("cuda", local_rank % num_visible)
+    if local_rank >= num_visible:
+        raise RankError(f"local rank {local_rank} has no GPU of its own: this process sees {num_visible} "
+                        f"GPU(s), and nccl needs one GPU per rank; start at most {num_visible} ranks per "
+                        "node (--nproc_per_node, --ntasks-per-node) or bind one GPU per task (--gpus-per-task=1)")
     return torch.device("cuda", local_rank)
+
+
+class RankError(UserError):
+    """A user error that only some ranks see (their own device): each reports it, not only rank 0."""
+
+
+def gpus_given_to_node(environ=os.environ) -> int | None:
+    """How many GPUs SLURM gave this node's tasks together (SLURM_STEP_GPUS, else SLURM_JOB_GPUS)."""
+    ids = environ.get("SLURM_STEP_GPUS") or environ.get("SLURM_JOB_GPUS")
+    return len([i for i in ids.split(",") if i.strip()]) if ids else None
+
+
+def use_deterministic_kernels(device: torch.device) -> None:
+    """Deterministic kernels, and an error (not a warning) from any op that has none: a silently
+    non-deterministic kernel would break the bit-exact resume. cuBLAS needs its workspace setting
+    before its first use."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
+
+
+def nondeterministic_op(error: BaseException) -> str | None:
+    """The op named by torch's 'does not have a deterministic implementation' error, else None."""
+    text = str(error)
+    if "does not have a deterministic implementation" not in text:
+        return None
+    return text.split(" does not have a deterministic implementation", 1)[0].strip().split()[-1]
 
 
 def setup(device_choice: str, deterministic: bool = True) -> DistEnv:
     """Pick the device, join the process group (gloo on CPU, nccl on CUDA) when world size > 1."""
     rank, local_rank, world_size = discover_ranks()
-    device = pick_device(device_choice, local_rank)
+    num_visible = torch.cuda.device_count() if device_choice != "cpu" and torch.cuda.is_available() else 0
+    device = pick_device(device_choice, local_rank, num_visible, gpus_given_to_node())
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        if deterministic:
-            # Bit-exact resume on GPU needs deterministic kernels; cuBLAS needs this before first use.
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.backends.cudnn.benchmark = False
-            torch.use_deterministic_algorithms(True, warn_only=True)
+    if deterministic:
+        use_deterministic_kernels(device)
     if world_size > 1:
         if "RANK" not in os.environ:  # ranks from srun: init_process_group needs the rendezvous address
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = slurm_master_addr_port()
@@ -86,6 +127,13 @@ def setup(device_choice: str, deterministic: bool = True) -> DistEnv:
         dist.init_process_group(backend, store=attempt_store(rank, world_size), rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(minutes=10), **kwargs)
     return DistEnv(rank, local_rank, world_size, device)
+
+
+def describe_placement(env: DistEnv) -> str:
+    """Where this rank runs: device, CPUs it may use, threads (what SLURM binding decides)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"rank {env.rank}/{env.world_size} on {socket.gethostname()}: device {env.device}, {cpus} CPUs, "
+            f"{torch.get_num_threads()} threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
 
 
 def attempt_store(rank: int, world_size: int):
@@ -97,6 +145,14 @@ def attempt_store(rank: int, world_size: int):
     store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size,
                                        timeout=datetime.timedelta(minutes=10)))
     return dist.PrefixStore(f"dist_train/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+
+
+def side_store(timeout: float):
+    """A second client of the rendezvous store, with its own (short) timeout, for the watchdog:
+    its beats must fail fast when the store's host is gone, not after the process group's 10 min."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
+    return dist.PrefixStore(f"dist_train/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/healing", store)
 
 
 def teardown(env: DistEnv) -> None:

@@ -12,6 +12,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import torch
+
 from dist_train import data
 from dist_train.checkpoint import CheckpointError, load_checkpoint
 from dist_train.config import Config, OneLineErrorParser, UserError, validate
@@ -33,13 +35,16 @@ def parse_args(argv):
 
 
 def evaluate_checkpoint(args) -> tuple[float, float, int]:
-    device = pick_device(args.device, 0)
+    num_visible = torch.cuda.device_count() if args.device != "cpu" and torch.cuda.is_available() else 0
+    device = pick_device(args.device, 0, num_visible)
     checkpoint = load_checkpoint(Path(args.checkpoint), map_location=device)
     overrides = {k: v for k, v in vars(args).items()
                  if k in ("dataset", "data_dir", "fake_size", "batch_size", "num_workers") and v is not None}
     known = {f.name for f in dataclasses.fields(Config)}
     stored = {k: v for k, v in checkpoint.get("config", {}).items() if k in known}
-    config = dataclasses.replace(Config(**stored), **overrides)
+    # Evaluation runs in fp32 on the device chosen here: the training's AMP mode and device do not
+    # apply (a run trained with --amp fp16 on a GPU is evaluated on a CPU-only machine as well).
+    config = dataclasses.replace(Config(**stored), **overrides, amp="off", device=device.type)
     validate(config)
 
     model = build_model(config.model).to(device)

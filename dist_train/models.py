@@ -51,7 +51,28 @@ def build_model(name: str) -> nn.Module:
         return Net()
     import torchvision
 
-    return torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES)
+    model = torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES)
+    return replace_global_average_pools(model)
+
+
+class GlobalAvgPool(nn.Module):
+    """AdaptiveAvgPool2d(1) as a mean over height and width: the same values, and a backward
+    that CUDA computes deterministically (AdaptiveAvgPool2d's CUDA backward has no deterministic
+    implementation, so deterministic mode would refuse ResNets and their kin)."""
+
+    def forward(self, x):
+        return x.mean(dim=(-2, -1), keepdim=True)
+
+
+def replace_global_average_pools(model: nn.Module) -> nn.Module:
+    """Swap every AdaptiveAvgPool2d with output size 1 for GlobalAvgPool (no parameters: the
+    state_dict is unchanged)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.AdaptiveAvgPool2d) and child.output_size in (1, (1, 1)):
+            setattr(model, name, GlobalAvgPool())
+        else:
+            replace_global_average_pools(child)
+    return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:

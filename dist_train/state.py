@@ -58,14 +58,29 @@ def capture_rng_state(device: torch.device) -> dict:
 
 
 def restore_rng_state(state: dict, device: torch.device) -> None:
+    """The inverse of capture_rng_state; its tensors may sit on any device."""
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
     npy = state["numpy"]
-    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"],
+    np.random.set_state(("MT19937", npy["keys"].cpu().numpy().astype(np.uint32), npy["pos"],
                          npy["has_gauss"], npy["gauss"]))
     torch.set_rng_state(state["torch"].cpu())
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def to_cpu(tree):
+    """Every tensor in a nest of dicts, lists and tuples, on the CPU (no copy where it already is).
+
+    A checkpoint holds CPU tensors only: a file whose storages are tagged cuda:N does not load on
+    a machine without CUDA with the recipe's plain torch.load."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {key: to_cpu(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_cpu(value) for value in tree)
+    return tree
 
 
 def build_checkpoint(training: Training, progress: Progress, loss: float, rng_states: list[dict],
@@ -74,8 +89,8 @@ def build_checkpoint(training: Training, progress: Progress, loss: float, rng_st
     scaler = training.scaler
     return {
         # The recipe's keys: its own loading code works on this dict unchanged.
-        "model_state_dict": strip_wrapper_prefixes(unwrap(training.model).state_dict()),
-        "optimizer_state_dict": training.optimizer.state_dict(),
+        "model_state_dict": to_cpu(strip_wrapper_prefixes(unwrap(training.model).state_dict())),
+        "optimizer_state_dict": to_cpu(training.optimizer.state_dict()),
         "epoch": progress.epoch,
         "loss": loss,
         # Exact continuation.
@@ -83,9 +98,9 @@ def build_checkpoint(training: Training, progress: Progress, loss: float, rng_st
         "global_step": progress.global_step,
         "next_epoch": progress.next_epoch,
         "next_batch": progress.next_batch,
-        "scheduler_state_dict": training.scheduler.state_dict(),
-        "scaler_state_dict": scaler.state_dict() if scaler is not None else None,
-        "rng_states": rng_states,  # one per rank, in rank order
+        "scheduler_state_dict": to_cpu(training.scheduler.state_dict()),
+        "scaler_state_dict": to_cpu(scaler.state_dict()) if scaler is not None else None,
+        "rng_states": to_cpu(rng_states),  # one per rank, in rank order
         "world_size": world_size,
         "config": config,
         "torch_version": str(torch.__version__),  # TorchVersion is not a plain str
@@ -94,9 +109,13 @@ def build_checkpoint(training: Training, progress: Progress, loss: float, rng_st
 
 
 def apply_checkpoint(checkpoint: dict, training: Training) -> Progress:
-    """Load model, optimizer, scheduler and scaler state; return where training continues."""
+    """Load model, optimizer, scheduler and scaler state (consuming the checkpoint's model weights);
+    return where training continues."""
     model = unwrap(training.model)
-    state = strip_wrapper_prefixes(checkpoint["model_state_dict"])
+    # Taken out of the checkpoint, so that once copied into the model its tensors are freed: on a
+    # GPU the resume then holds one extra copy of the weights, never of the optimizer state
+    # (optimizer.load_state_dict keeps the loaded tensors when they already sit on the device).
+    state = strip_wrapper_prefixes(checkpoint.pop("model_state_dict"))
     missing = sorted(set(model.state_dict()) - set(state))
     unexpected = sorted(set(state) - set(model.state_dict()))
     if missing or unexpected:
@@ -132,7 +151,8 @@ def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress:
 
 def choose_resume_checkpoint(ckpt_dir: Path, explicit: str | None, env: DistEnv) -> dict | None:
     """Collective: the main rank picks the file (explicit, else newest valid) and broadcasts its path;
-    every rank has it loaded onto its own device. None for a fresh start."""
+    every rank has it loaded onto its own device (map_location: cuda:LOCAL_RANK or cpu), so nothing
+    of one rank lands on another rank's GPU. None for a fresh start."""
     choice, problem, checkpoint = None, None, None
     if env.is_main:
         try:

@@ -82,6 +82,7 @@ def train(config: Config, stop_flag: StopFlag) -> int:
     tracker = None
     try:
         setup_logging(env.rank, config.log_level)
+        log.info("%s", distributed.describe_placement(env))
         if "SLURM_JOB_ID" in os.environ:
             log.info("SLURM job %s, restart count %d", os.environ["SLURM_JOB_ID"], restart_count())
         seed_everything(config.seed)  # the same initial weights on every rank
@@ -92,6 +93,7 @@ def train(config: Config, stop_flag: StopFlag) -> int:
         training = build_training(config, env, train_loader.sampler.batches_per_epoch, input_shape)
         seed_everything(config.seed + env.rank)  # per-rank streams (dropout etc.) from here on
         progress, wandb_run_id = resume(config, env, training, ckpt_dir)
+        log_peak_gpu_memory(env, "after start-up" if progress.global_step == 0 else "after the resume")
         if progress.next_epoch >= config.epochs:
             log.info("run in %s is complete (%d epochs, step %d); nothing to do",
                      config.run_dir, config.epochs, progress.global_step)
@@ -118,6 +120,7 @@ def train(config: Config, stop_flag: StopFlag) -> int:
             agreement.close()
         if request == NONE:
             log.info("training complete: %d epochs, %d steps", config.epochs, progress.global_step)
+            log_peak_gpu_memory(env, "of the whole run")
             return exits.COMPLETE
         if request == TERMINATE:
             return exits.TERMINATED
@@ -129,6 +132,12 @@ def train(config: Config, stop_flag: StopFlag) -> int:
         if tracker is not None:
             tracker.finish()
         distributed.teardown(env)
+
+
+def log_peak_gpu_memory(env, when: str) -> None:
+    """The most GPU memory torch's allocator has held on this rank so far (bench/gpu_check.py reads it)."""
+    if env.device.type == "cuda":
+        log.info("peak GPU memory %s: %.1f MB", when, torch.cuda.max_memory_allocated(env.device) / 1e6)
 
 
 def run_epochs(config, env, training, progress, train_loader, test_loader, stop_flag, agreement, save,
@@ -172,9 +181,19 @@ def run_epochs(config, env, training, progress, train_loader, test_loader, stop_
 def main(argv: list[str] | None = None, stop_flag: StopFlag | None = None) -> int:
     """Train; `stop_flag` is the one the entry point installed before importing torch."""
     stop_flag = stop_flag or StopFlag().install()
+    is_main = distributed.discover_ranks()[0] == 0
     try:
         return train(parse_config(argv), stop_flag)
     except (UserError, CheckpointError) as error:
-        if distributed.discover_ranks()[0] == 0:
+        if is_main or isinstance(error, distributed.RankError):
             print(f"error: {error}", file=sys.stderr)
+        return exits.USER_ERROR
+    except RuntimeError as error:
+        op = distributed.nondeterministic_op(error)
+        if op is None:
+            raise
+        if is_main:
+            print(f"error: {op} has no deterministic implementation, and --deterministic (the default) "
+                  "refuses it because it would break the bit-exact resume; pass --no-deterministic to "
+                  "train with it anyway (resumes are then not bit for bit)", file=sys.stderr)
         return exits.USER_ERROR

@@ -16,9 +16,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
 
-# A small run shared by the end-to-end tests: 384 fake images, 16 per batch -> 24 steps an epoch
+# A small run shared by the end-to-end tests (on the CPU, also on a machine with GPUs): 384 fake images, 16 per batch -> 24 steps an epoch
 # on one rank, 12 on two; augmentation on, 2 loader workers, a checkpoint every 5 steps.
-SMALL_RUN = ["--dataset", "fake", "--fake-size", "384", "--batch-size", "16", "--epochs", "2",
+SMALL_RUN = ["--device", "cpu", "--dataset", "fake", "--fake-size", "384", "--batch-size", "16", "--epochs", "2",
              "--num-workers", "2", "--save-every-steps", "5", "--log-every-steps", "1", "--keep", "3"]
 
 

@@ -53,8 +53,10 @@ def _wait_for_file(path: Path, timeout: float = 10) -> None:
 
 
 class LocalSlurm:
-    def __init__(self, root: Path, nodes: int = 2, cpus: int = 4):
-        self.root, self.nodes, self.cpus = Path(root), nodes, cpus
+    def __init__(self, root: Path, nodes: int = 2, cpus: int = 4, task_plugin: str = "task/none"):
+        """task_plugin: task/affinity binds each task to the CPUs it was given, as production
+        clusters do (then `cpus` must not exceed this machine's CPUs)."""
+        self.root, self.nodes, self.cpus, self.task_plugin = Path(root), nodes, cpus, task_plugin
         self.conf = self.root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         self._hosts_marker = f"# dist_train test cluster {self.root}"
@@ -166,7 +168,7 @@ AuthInfo=socket={r}/munge/munge.sock,cred_expire=5
 MpiDefault=none
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin={self.task_plugin}
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt

@@ -90,16 +90,3 @@ def test_run_directory_and_sweep_line_come_from_the_array_task(tmp_path):
     assert (config.seed, config.model, config.run_dir) == (6, "resnet18", "runs/77_1")
     with pytest.raises(UserError, match="array task 2 has none"):
         parse_config(["--sweep-file", str(sweep)], env | {"SLURM_ARRAY_TASK_ID": "2"})
-
-
-def test_device_choice_without_cuda():
-    import torch
-
-    from dist_train.distributed import pick_device
-
-    if torch.cuda.is_available():
-        assert pick_device("auto", 1) == torch.device("cuda", 1)
-    else:
-        assert pick_device("auto", 1) == torch.device("cpu")
-        with pytest.raises(UserError, match="CUDA is not available"):
-            pick_device("cuda", 0)

@@ -52,7 +52,7 @@ def test_killed_four_rank_run_resumes_bit_exactly(session_dir):
 def test_kill_inside_a_save_leaves_a_loadable_checkpoint_and_resumes_bit_exactly(session_dir):
     """resnet18's checkpoint (~90 MB with momentum) takes long enough to write that the kill is
     aimed at the instant its temp file exists."""
-    args = ["--model", "resnet18", "--dataset", "fake", "--fake-size", "96", "--batch-size", "8",
+    args = ["--device", "cpu", "--model", "resnet18", "--dataset", "fake", "--fake-size", "96", "--batch-size", "8",
             "--epochs", "1", "--num-workers", "2", "--save-every-steps", "4", "--log-every-steps", "1",
             "--no-eval"]
     reference = session_dir / "resnet_reference"

@@ -18,7 +18,7 @@ from slurm_cluster import LocalSlurm, missing_binaries
 # SMALL_RUN with more images (96 steps an epoch on one rank), so a signal sent at step 3 lands mid-run.
 SLURM_RUN = SMALL_RUN + ["--fake-size", "1536"]
 # A time-limit run long enough that USR1 (sent 0-30 s after start with --time=1) lands mid-training.
-LONG_RUN = ["--dataset", "fake", "--fake-size", "40000", "--batch-size", "64", "--epochs", "2",
+LONG_RUN = ["--device", "cpu", "--dataset", "fake", "--fake-size", "40000", "--batch-size", "64", "--epochs", "2",
             "--num-workers", "1", "--save-every-steps", "0", "--log-every-steps", "100", "--no-eval"]
 
 
@@ -47,8 +47,9 @@ def jobs_dir(tmp_path_factory) -> Path:
     return directory
 
 
-def submit(slurm: LocalSlurm, jobs_dir: Path, sbatch_args: list[str], script: str, train_args: list[str]) -> str:
-    env = f"ALL,PYTHON={sys.executable},OMP_NUM_THREADS=1,PYTHONPATH={REPO}"
+def submit(slurm: LocalSlurm, jobs_dir: Path, sbatch_args: list[str], script: str, train_args: list[str],
+           extra_env: str = "") -> str:
+    env = f"ALL,PYTHON={sys.executable},OMP_NUM_THREADS=1,PYTHONPATH={REPO}" + (f",{extra_env}" if extra_env else "")
     return slurm.sbatch(*sbatch_args, f"--export={env}", f"slurm/{script}", *train_args, cwd=jobs_dir)
 
 
@@ -91,6 +92,14 @@ def reference_of_seed(tmp_path_factory):
     return reference
 
 
+@pytest.fixture(scope="module")
+def reference_ws2_slurm(tmp_path_factory) -> dict:
+    """An uninterrupted 2-rank torchrun run of SLURM_RUN (torchrun sets OMP_NUM_THREADS=1 too)."""
+    run_dir = tmp_path_factory.mktemp("reference_ws2_slurm")
+    run(SLURM_RUN + ["--run-dir", str(run_dir)], nproc=2)
+    return newest_checkpoint(run_dir)
+
+
 def test_sweep_array_usr1_requeues_and_resumes_bit_exactly(slurm, jobs_dir, time_limit_job, reference_of_seed):
     (jobs_dir / "sweep.txt").write_text("# seed per task\n--seed 1\n--seed 2\n")
     job = submit(slurm, jobs_dir, ["--array=0-1", "--time=10", "--cpus-per-task=1", "--output=sweep-%A_%a.out"],
@@ -127,7 +136,7 @@ def test_chained_array_tasks_continue_one_training(slurm, jobs_dir, time_limit_j
     assert_same_training_state(resumed, reference_of_seed(1))
 
 
-def test_two_node_job_requeues_and_resumes_bit_exactly(slurm, jobs_dir, time_limit_job, tmp_path):
+def test_two_node_job_requeues_and_resumes_bit_exactly(slurm, jobs_dir, time_limit_job, reference_ws2_slurm):
     job = submit(slurm, jobs_dir, ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
                                    "--output=twonode-%j.out"], "multi_node.sbatch", SLURM_RUN)
     out = jobs_dir / f"twonode-{job}.out"
@@ -138,9 +147,7 @@ def test_two_node_job_requeues_and_resumes_bit_exactly(slurm, jobs_dir, time_lim
     assert_requeued_once_and_finished(log)
     resumed = newest_checkpoint(jobs_dir / "runs" / job)  # the default run directory of a job
     assert resumed["world_size"] == 2
-    reference = tmp_path / "reference_ws2"
-    run(SLURM_RUN + ["--run-dir", str(reference)], nproc=2)  # torchrun sets OMP_NUM_THREADS=1 too
-    assert_same_training_state(resumed, newest_checkpoint(reference))
+    assert_same_training_state(resumed, reference_ws2_slurm)
 
 
 def test_time_limit_signal_saves_requeues_and_finishes(slurm, jobs_dir, time_limit_job):
@@ -153,21 +160,48 @@ def test_time_limit_signal_saves_requeues_and_finishes(slurm, jobs_dir, time_lim
     assert states[-1] == ":COMPLETED" and states[:-1] == [":PENDING"] * log.count("requeueing SLURM job"), states
 
 
-def test_srun_torchrun_one_agent_per_node_trains(slurm, jobs_dir, time_limit_job):
-    """torchrun's variables win over srun's: one torchrun per node, two ranks each, four in all."""
-    script = jobs_dir / "srun_torchrun.sbatch"
-    script.write_text(f"""#!/bin/bash
-set -euo pipefail
-HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-srun --ntasks-per-node=1 {sys.executable} -m torch.distributed.run --nnodes="$SLURM_NNODES" \\
-  --nproc_per_node=2 --rdzv_backend=c10d --rdzv_endpoint="$HEAD:$((20000 + SLURM_JOB_ID % 10000))" \\
-  --rdzv_id="$SLURM_JOB_ID" launch/train.py "$@"
-""")
-    job = slurm.sbatch("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2", "--time=10",
-                       "--output=torchrun-%j.out", f"--export=ALL,PYTHONPATH={REPO}", str(script),
-                       "--dataset", "fake", "--fake-size", "128", "--batch-size", "8", "--epochs", "1",
-                       "--num-workers", "0", "--run-dir", "runs/srun-torchrun", cwd=jobs_dir)
-    slurm.wait_gone(job, timeout=180)
-    log = (jobs_dir / f"torchrun-{job}.out").read_text()
-    assert "training complete: 1 epochs, 4 steps" in log, log[-4000:]
-    assert newest_checkpoint(jobs_dir / "runs" / "srun-torchrun")["world_size"] == 4
+def test_srun_torchrun_forwards_usr1_then_requeues_and_resumes_bit_exactly(slurm, jobs_dir, time_limit_job,
+                                                                            reference_ws2_slurm):
+    """slurm/multi_node_torchrun.sbatch: one torchrun agent per node (torchrun's variables win over
+    srun's), USR1 to the whole step: the agents forward it, the ranks save, rank 0 requeues."""
+    job = submit(slurm, jobs_dir, ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
+                                   "--output=torchrun-%j.out"], "multi_node_torchrun.sbatch", SLURM_RUN,
+                 extra_env="NPROC_PER_NODE=1")
+    out = jobs_dir / f"torchrun-{job}.out"
+    wait_for_text(out, "step 3 batch")
+    slurm.scancel("--signal=USR1", job)
+    slurm.wait_gone(job, timeout=240)
+    log = out.read_text()
+    assert_requeued_once_and_finished(log)
+    resumed = newest_checkpoint(jobs_dir / "runs" / job)
+    assert resumed["world_size"] == 2
+    assert_same_training_state(resumed, reference_ws2_slurm)
+
+
+@pytest.fixture(scope="module")
+def bound_slurm():
+    """One node that binds each task to its CPUs (TaskPlugin=task/affinity), as production clusters do."""
+    if missing_binaries() or os.geteuid() != 0 or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs SLURM, root and 2 CPUs")
+    root = Path(tempfile.mkdtemp(prefix="dist-train-slurm-bound-"))
+    cluster = LocalSlurm(root, nodes=1, cpus=2, task_plugin="task/affinity").start()
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("script", ["single_node.sbatch", "sweep.sbatch", "chain.sbatch", "multi_node.sbatch",
+                                    "multi_node_torchrun.sbatch"])
+def test_every_script_gives_each_rank_its_cpus_and_threads(bound_slurm, jobs_dir, script):
+    """--cpus-per-task=2 on a binding cluster: each rank may run on 2 CPUs with 2 threads (srun
+    does not inherit --cpus-per-task since SLURM 22.05; every script passes it on)."""
+    env = f"ALL,PYTHON={sys.executable},PYTHONPATH={REPO},NPROC_PER_NODE=1"
+    job = bound_slurm.sbatch("--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2", "--time=10", "--array=0",
+                             f"--output=bound-{script}-%j.out", f"--export={env}", f"slurm/{script}",
+                             "--device", "cpu", "--dataset", "fake", "--fake-size", "32", "--batch-size", "16",
+                             "--epochs", "1", "--num-workers", "0", "--no-eval",
+                             "--run-dir", f"runs/bound-{script}", cwd=jobs_dir)
+    bound_slurm.wait_gone(job, timeout=120)
+    log = next(jobs_dir.glob(f"bound-{script}-*.out")).read_text()
+    assert "training complete" in log, log[-3000:]
+    assert "device cpu, 2 CPUs, 2 threads (OMP_NUM_THREADS=2)" in log, log[-3000:]
