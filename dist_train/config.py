@@ -64,6 +64,11 @@ class Config:
     allow_config_change: bool = _opt(False, "resume even if the model, data, batch size, seed, epochs or "
                                             "world size differ from the checkpoint's (no longer exact)")
     max_requeues: int = _opt(20, "SIGUSR1 requeues the SLURM job at most this many times")
+    hang_timeout: float = _opt(60.0, "a rank silent or stuck in one phase (a step, a save, a batch) this "
+                                     "many seconds ends the run for a restart (0: off); above the "
+                                     "longest step, evaluation and save")
+    max_failures: int = _opt(3, "give up after this many failed launches in a row without a completed "
+                                "epoch (counted in RUN_DIR/failures.json)")
     sweep_file: str | None = _opt(None, "one line of flags per SLURM array task, picked by "
                                         "SLURM_ARRAY_TASK_ID (0: the first line); they override the others",
                                   type=str)
@@ -193,7 +198,8 @@ def validate(config: Config) -> None:
     for name in positive:
         if getattr(config, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
-    for name in ("num_workers", "save_every_steps", "weight_decay", "momentum", "max_requeues"):
+    for name in ("num_workers", "save_every_steps", "weight_decay", "momentum", "max_requeues",
+                 "hang_timeout", "max_failures"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
     from dist_train.models import check_model_name

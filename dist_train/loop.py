@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from dist_train.distributed import DistEnv, all_reduce_sum
 from dist_train.models import unwrap
+from dist_train.watchdog import LOADING, STEPPING, SYNCING
 
 
 def autocast(amp: str, device: torch.device):
@@ -29,10 +30,20 @@ def build_scheduler(optimizer, schedule: str, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_steps(model, loader, optimizer, scheduler, scaler, env: DistEnv, amp: str) -> Iterator[torch.Tensor]:
-    """One optimizer step per batch of `loader`; yields each step's (detached) loss after the step."""
+def train_steps(model, loader, optimizer, scheduler, scaler, env: DistEnv, amp: str,
+                on_phase=lambda phase: None) -> Iterator[torch.Tensor]:
+    """One optimizer step per batch of `loader`; yields each step's (detached) loss after the step.
+
+    on_phase(phase) is told what the step is doing (the watchdog's phases)."""
     model.train()
-    for inputs, targets in loader:
+    batches = iter(loader)
+    while True:
+        on_phase(LOADING)
+        try:
+            inputs, targets = next(batches)
+        except StopIteration:
+            return
+        on_phase(SYNCING)  # then COMPUTING, from a forward pre-hook (see healing.track_forward)
         inputs = inputs.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
@@ -40,10 +51,12 @@ def train_steps(model, loader, optimizer, scheduler, scaler, env: DistEnv, amp: 
             loss = F.cross_entropy(model(inputs), targets)
         if scaler is not None:
             scaler.scale(loss).backward()
+            on_phase(STEPPING)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
+            on_phase(STEPPING)
             optimizer.step()
         scheduler.step()
         yield loss.detach()

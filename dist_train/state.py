@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,8 @@ class Progress:
     next_epoch: int = 0  # the epoch training continues in
     next_batch: int = 0  # the batch of next_epoch training continues at (0: its start)
     global_step: int = 0  # optimizer steps taken so far
+    last_loss: object = field(default=float("nan"), compare=False)  # the last step's loss (a tensor:
+    #                                                     reading it every step would sync the GPU)
 
 
 @dataclass
@@ -42,6 +44,37 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
     torch.manual_seed(seed)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one rank's torch generators for one step."""
+    return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % (1 << 63)
+
+
+def seed_step(seed: int, rank: int, step: int, device: torch.device) -> None:
+    """Every step starts from torch generators fixed by (seed, rank, step) alone (dropout and the
+    like draw from them), so that any rank can write a checkpoint that continues every rank's
+    streams exactly (see healing.py). The generators are seeded directly: torch.manual_seed costs
+    about 1 ms, as it visits every device type; this costs microseconds."""
+    torch.default_generator.manual_seed(step_seed(seed, rank, step))
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index].manual_seed(step_seed(seed, rank, step))
+
+
+def rng_state_at_step(seed: int, rank: int, step: int) -> dict:
+    """The RNG states a rank has at a step boundary, computed by any rank, for a checkpoint written
+    without the others (healing.py): python's and numpy's as seed_everything(seed + rank) left them
+    (the training draws nothing from them), torch's as seed_step will set it (CUDA's likewise
+    reseeded, so left out)."""
+    python = random.Random(seed + rank).getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.RandomState((seed + rank) % (1 << 32)).get_state()
+    return {
+        "python": {"version": python[0], "state": torch.tensor(python[1], dtype=torch.int64), "gauss": python[2]},
+        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.Generator().manual_seed(step_seed(seed, rank, step)).get_state(),
+        "cuda": None,
+    }
 
 
 def capture_rng_state(device: torch.device) -> dict:

@@ -15,14 +15,16 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dist_train import data, distributed, exits
-from dist_train.checkpoint import CheckpointError, prepare_run_dir, write_config_file
+from dist_train import data, distributed, exits, healing
+from dist_train.checkpoint import CheckpointError, prepare_run_dir, save_checkpoint, write_config_file
 from dist_train.config import Config, UserError, config_differences, parse_config
 from dist_train.loop import build_scheduler, evaluate, train_steps
-from dist_train.models import build_model
+from dist_train.models import build_model, unwrap
 from dist_train.preemption import NONE, REQUEUE, TERMINATE, StopAgreement, StopFlag, requeue_slurm_job, restart_count
-from dist_train.state import (Progress, Training, apply_checkpoint, choose_resume_checkpoint,
-                              rescale_progress, restore_rng_of_rank, save_training_state, seed_everything)
+from dist_train.state import (Progress, Training, apply_checkpoint, build_checkpoint, choose_resume_checkpoint,
+                              rescale_progress, restore_rng_of_rank, rng_state_at_step, save_training_state,
+                              seed_everything, seed_step)
+from dist_train.watchdog import AGREEING, EVALUATING, SAVING, SYNCING
 from dist_train.tracking import ProgressReport, build_tracker, setup_logging
 
 log = logging.getLogger("dist_train.train")
@@ -99,6 +101,7 @@ def train(config: Config, stop_flag: StopFlag) -> int:
                      config.run_dir, config.epochs, progress.global_step)
             return exits.COMPLETE
 
+        count_this_launch(config, env, progress)
         if env.is_main:
             write_config_file(config)  # only now: a refused resume leaves the old one in place
         tracker = build_tracker(config, env.is_main, wandb_run_id)
@@ -112,12 +115,27 @@ def train(config: Config, stop_flag: StopFlag) -> int:
                 tracker.log("checkpoint", {"step": progress.global_step, "epoch": progress.epoch},
                             progress.global_step)
 
+        def save_alone() -> Path:
+            """A survivor's checkpoint of the last finished step, written without the other ranks."""
+            rng_states = [rng_state_at_step(config.seed, r, progress.global_step) for r in range(env.world_size)]
+            checkpoint = build_checkpoint(training, progress, float(progress.last_loss), rng_states,
+                                          config.to_dict(), env.world_size, tracker.run_id)
+            return save_checkpoint(checkpoint, ckpt_dir, config.keep)
+
+        healer = healing.Healer(config, env, unwrap(training.model), save_alone)
         agreement = StopAgreement(env, config.stop_check_every_steps)
         try:
             request = run_epochs(config, env, training, progress, train_loader, test_loader,
-                                 stop_flag, agreement, save, tracker)
-        finally:
+                                 stop_flag, agreement, save, tracker, healer)
             agreement.close()
+        except RuntimeError as error:
+            if not healer.peer_failed(error):
+                raise
+            return exits.PEER_FAILED
+        finally:
+            healer.close()
+        if env.is_main:
+            healing.end_launch_cleanly(config.run_dir)
         if request == NONE:
             log.info("training complete: %d epochs, %d steps", config.epochs, progress.global_step)
             log_peak_gpu_memory(env, "of the whole run")
@@ -134,6 +152,24 @@ def train(config: Config, stop_flag: StopFlag) -> int:
         distributed.teardown(env)
 
 
+def count_this_launch(config: Config, env, progress: Progress) -> None:
+    """Collective: the main rank counts this launch in RUN_DIR/failures.json; every rank stops when
+    --max-failures launches in a row failed without completing an epoch."""
+    problem = None
+    if env.is_main:
+        try:
+            healing.count_launch(config.run_dir, progress.next_epoch, config.max_failures)
+        except healing.TooManyFailures as error:
+            problem = str(error)
+    problem = distributed.broadcast_from_main(problem, env)
+    if problem:
+        raise GaveUp(problem)
+
+
+class GaveUp(Exception):
+    """Too many failed launches: reported as one line, exit code exits.GAVE_UP."""
+
+
 def log_peak_gpu_memory(env, when: str) -> None:
     """The most GPU memory torch's allocator has held on this rank so far (bench/gpu_check.py reads it)."""
     if env.device.type == "cuda":
@@ -141,18 +177,25 @@ def log_peak_gpu_memory(env, when: str) -> None:
 
 
 def run_epochs(config, env, training, progress, train_loader, test_loader, stop_flag, agreement, save,
-               tracker) -> int:
+               tracker, healer) -> int:
     """The epoch loop; returns the stop request all ranks agreed on (NONE when training finished)."""
     sampler = train_loader.sampler
+
+    def on_phase(phase: str) -> None:
+        if phase == SYNCING:  # a step begins: its RNG streams come from (seed, rank, step) alone
+            seed_step(config.seed, env.rank, progress.global_step, env.device)
+        healer.phase(phase, progress.global_step)
+
     report = ProgressReport(env.is_main, config.log_every_steps, env.world_size, config.batch_size)
     for epoch in range(progress.next_epoch, config.epochs):
         sampler.set_epoch(epoch, start_batch=progress.next_batch)
         report.start_epoch(epoch, progress.next_batch, sampler.batches_per_epoch)
         batch, loss = progress.next_batch, float("nan")
         for loss_tensor in train_steps(training.model, train_loader, training.optimizer,
-                                       training.scheduler, training.scaler, env, config.amp):
+                                       training.scheduler, training.scaler, env, config.amp, on_phase):
             batch += 1
             progress.epoch, progress.global_step = epoch, progress.global_step + 1
+            progress.last_loss = loss_tensor
             end_of_epoch = batch == sampler.batches_per_epoch
             progress.next_epoch, progress.next_batch = (epoch + 1, 0) if end_of_epoch else (epoch, batch)
             reporting = progress.global_step % config.log_every_steps == 0 or end_of_epoch
@@ -161,20 +204,27 @@ def run_epochs(config, env, training, progress, train_loader, test_loader, stop_
             rate = report.step(batch, progress.global_step, loss if reporting else None, lr)
             if reporting:
                 tracker.log("train", {"loss": loss, "lr": lr, "samples_per_sec": rate}, progress.global_step)
+            healer.after_step(progress.global_step)
+            healer.phase(AGREEING)
             request = agreement.poll(stop_flag.request)
             if request != NONE:
                 report.end_epoch()
+                healer.phase(SAVING)
                 save(loss_tensor.item(), f"stop requested by {stop_flag.signal_name or 'another rank'}")
                 return request
             if config.save_every_steps and progress.global_step % config.save_every_steps == 0 \
                     and not end_of_epoch:
+                healer.phase(SAVING)
                 save(loss_tensor.item(), "periodic")
         report.end_epoch()
         if config.eval:
+            healer.phase(EVALUATING)
             eval_loss, accuracy = evaluate(training.model, test_loader, env, config.amp)
             log.info("epoch %d eval loss %.4f accuracy %.4f", epoch, eval_loss, accuracy)
             tracker.log("eval", {"loss": eval_loss, "accuracy": accuracy}, progress.global_step)
+        healer.phase(SAVING)
         save(loss, "end of epoch")  # and so at the end of training
+        healer.epoch_done(progress.next_epoch)
     return NONE
 
 
@@ -188,6 +238,10 @@ def main(argv: list[str] | None = None, stop_flag: StopFlag | None = None) -> in
         if is_main or isinstance(error, distributed.RankError):
             print(f"error: {error}", file=sys.stderr)
         return exits.USER_ERROR
+    except GaveUp as error:
+        if is_main:
+            print(f"error: {error}", file=sys.stderr)
+        return exits.GAVE_UP
     except RuntimeError as error:
         op = distributed.nondeterministic_op(error)
         if op is None:

@@ -77,10 +77,12 @@ def process_tree(root: int) -> list[int]:
 class Launch:
     """A training launched in its own session, so that the whole process group can be SIGKILLed."""
 
-    def __init__(self, args: list[str], log_path: Path, nproc: int = 1, script: Path = TRAIN, torchrun_flags=()):
+    def __init__(self, args: list[str], log_path: Path, nproc: int = 1, script: Path = TRAIN, torchrun_flags=(),
+                 env_extra: dict | None = None):
         self.log_path = log_path
         self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(launch_command(args, nproc, script, torchrun_flags), env=python_env(), cwd=REPO,
+        self.proc = subprocess.Popen(launch_command(args, nproc, script, torchrun_flags),
+                                     env=python_env() | (env_extra or {}), cwd=REPO,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self) -> str:

@@ -205,3 +205,27 @@ def test_every_script_gives_each_rank_its_cpus_and_threads(bound_slurm, jobs_dir
     log = next(jobs_dir.glob(f"bound-{script}-*.out")).read_text()
     assert "training complete" in log, log[-3000:]
     assert "device cpu, 2 CPUs, 2 threads (OMP_NUM_THREADS=2)" in log, log[-3000:]
+
+
+@pytest.mark.parametrize("kind", ["kill", "stop"])
+def test_a_failed_rank_under_srun_is_relaunched_in_the_job_and_costs_no_step(slurm, jobs_dir, time_limit_job,
+                                                                            reference_ws2_slurm, kind):
+    """single_node.sbatch, 2 tasks: rank 1 SIGKILLed or SIGSTOPped after step 7; the survivor saves
+    step 7, slurm/relaunch.sh runs the step again, which resumes there and finishes."""
+    job = submit(slurm, jobs_dir, ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
+                                   f"--output=heal-{kind}-%j.out"], "single_node.sbatch",
+                 SLURM_RUN + ["--hang-timeout", "10"], extra_env=f"DIST_TRAIN_INJECT_FAULT={kind}@1:7")
+    out = jobs_dir / f"heal-{kind}-{job}.out"
+    wait_for_text(out, "injecting fault", timeout=180)
+    fault_at = time.monotonic()
+    wait_for_text(out, "resuming from", timeout=240)
+    wait_for_text(out, "step 8 batch", timeout=120)
+    recovery = time.monotonic() - fault_at
+    slurm.wait_gone(job, timeout=300)
+    log = out.read_text()
+    assert "step_000000007.pt of the last finished step after the fault" in log, log[-4000:]
+    assert "relaunch.sh: the job step failed" in log and "training complete" in log, log[-4000:]
+    resumed = newest_checkpoint(jobs_dir / "runs" / job)
+    assert_same_training_state(resumed, reference_ws2_slurm)
+    assert slurm.job_states(job)[-1] == ":COMPLETED", slurm.job_states(job)
+    print(f"\nsrun {kind}: fault to the first step after recovery {recovery:.0f} s, 0 steps trained twice")

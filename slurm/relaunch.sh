@@ -1,0 +1,23 @@
+#!/bin/bash
+# relaunch.sh COMMAND...: run a job step, and run it again after a transient failure, so that a
+# crashed, killed or hung rank costs a restart in the same allocation, not a person's resubmit.
+#
+# The training itself counts failures in its run directory and gives up after --max-failures
+# (exit 5); a completed epoch resets the count. Exit codes that a relaunch would not change end
+# the loop (dist_train/exits.py): 0 complete or requeued, 2 user error, 3 non-finite loss,
+# 4 save failed, 5 too many failures, 75 saved and stopped, 130 SIGINT, 143 SIGTERM.
+# MAX_RELAUNCHES (default 10) bounds the loop where the training cannot count (it dies before).
+max=${MAX_RELAUNCHES:-10}
+for ((launch = 0; ; launch++)); do
+  status=0
+  "$@" || status=$?
+  case "$status" in
+    0|2|3|4|5|75|130|143) exit "$status" ;;
+  esac
+  if ((launch >= max)); then
+    echo "relaunch.sh: the job step failed $((launch + 1)) times (last exit $status); giving up" >&2
+    exit "$status"
+  fi
+  echo "relaunch.sh: the job step failed (exit $status); relaunching it ($((launch + 1))/$max)" >&2
+  sleep 2
+done

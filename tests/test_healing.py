@@ -1,0 +1,82 @@
+"""A dead, stopped or failing rank: detected, the last finished step saved by a survivor, the run
+restarted in the job and finished bit for bit; failures counted so that a failing run stops."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SMALL_RUN, Launch, assert_same_training_state, newest_checkpoint
+from dist_train import exits, healing
+from dist_train.watchdog import AGREEING, COMPUTING, LOADING, Beat, Seen, find_fault
+
+
+def seen(count_age: float, step: int, phase: str, phase_since: float, now: float = 100.0) -> Seen:
+    return Seen(Beat(1, step, phase, phase_since), count_changed=now - count_age)
+
+
+def test_a_silent_rank_is_named_with_what_it_was_doing():
+    peers = [seen(1, 7, COMPUTING, 30), seen(65, 7, LOADING, 0.5)]
+    assert find_fault(peers, 100.0, timeout=60) == \
+        "rank 1 does not respond: no heartbeat for 65 s, last seen at step 7 loading a batch"
+
+
+def test_a_hung_rank_is_told_from_the_ranks_waiting_for_it():
+    peers = [seen(1, 7, COMPUTING, 70), seen(1, 7, LOADING, 71), seen(1, 7, AGREEING, 69)]
+    assert find_fault(peers, 100.0, timeout=60) == "rank 1 hangs: step 7, loading a batch for 71 s"
+    assert find_fault([seen(1, 7, COMPUTING, 70), seen(1, 7, COMPUTING, 70)], 100.0, 60).count("hangs") == 2
+
+
+def test_a_healthy_run_has_no_fault():
+    assert find_fault([seen(2, 7, COMPUTING, 59), seen(4, 8, LOADING, 1)], 100.0, timeout=60) is None
+
+
+def test_failures_are_counted_until_an_epoch_completes(tmp_path):
+    assert healing.count_launch(tmp_path, next_epoch=0, max_failures=2) == 0  # this launch
+    assert healing.count_launch(tmp_path, 0, 2) == 1  # the first one died without a word
+    with pytest.raises(healing.TooManyFailures, match="2 launches in a row failed"):
+        healing.count_launch(tmp_path, 0, 2)
+    assert healing.count_launch(tmp_path, next_epoch=1, max_failures=2) == 0  # progress since: reset
+    healing.end_launch_cleanly(tmp_path)  # a requeue or a stop is not a failure
+    assert healing.count_launch(tmp_path, 1, 2) == 0
+    healing.record_epoch_done(tmp_path, next_epoch=2)
+    assert healing.count_launch(tmp_path, 2, 2) == 1
+
+
+def test_the_relaunch_loop_stops_on_every_code_a_relaunch_would_not_change():
+    script = (REPO / "slurm" / "relaunch.sh").read_text()
+    stops = {int(code) for code in re.search(r"\n\s+([\d|]+)\) exit", script).group(1).split("|")}
+    assert stops == exits.PERMANENT | {exits.COMPLETE, exits.STOPPED, exits.INTERRUPTED, exits.TERMINATED}
+    assert exits.PEER_FAILED not in stops and exits.CRASH not in stops
+
+
+def test_fault_injection_is_refused_when_malformed():
+    assert healing.parse_fault("kill@1:7") == ("kill", 1, 7)
+    with pytest.raises(ValueError, match="raise|kill|stop@RANK:STEP"):
+        healing.parse_fault("explode@1:7")
+
+
+# (a) SIGKILL, (b) SIGSTOP, (c) an exception, of rank 1 after step 7 of 24, under torchrun
+# --max-restarts=1. A periodic checkpoint is written every 5 steps, so resuming from step 7 (not
+# 5) proves the survivor's save: no step is trained twice.
+@pytest.mark.parametrize("kind", ["kill", "stop", "raise"])
+def test_a_failed_rank_costs_no_step_under_torchrun(kind, reference_ws2, session_dir):
+    run_dir = session_dir / f"heal_{kind}"
+    args = SMALL_RUN + ["--run-dir", str(run_dir), "--hang-timeout", "10"]
+    launch = Launch(args, session_dir / f"heal_{kind}.log", nproc=2, torchrun_flags=["--max-restarts=1"],
+                    env_extra={healing.FAULT_VARIABLE: f"{kind}@1:7"})
+    launch.wait_for(r"injecting fault", timeout=180)
+    fault_at = time.monotonic()
+    launch.wait_for(r"resuming from .*step_000000007\.pt", timeout=240)
+    launch.wait_for(r"epoch 0 step 8 batch", timeout=120)
+    recovery = time.monotonic() - fault_at
+    assert launch.wait(timeout=240) == 0, launch.output()[-3000:]
+    out = launch.output()
+    assert "of the last finished step after the fault" in out, out[-3000:]
+    trained = [int(s) for s in re.findall(r"epoch \d+ step (\d+) batch", out)]
+    assert len(trained) - len(set(trained)) == 0, "a step was trained twice"
+    assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference_ws2))
+    print(f"\n{kind}: fault to the first step after recovery {recovery:.0f} s, 0 steps trained twice")
