@@ -31,7 +31,8 @@ class Config:
     run_dir: str = _opt("", "run directory, checkpoints in RUN_DIR/checkpoints/; default runs/default, "
                             "or runs/ARRAYJOB_TASK for a SLURM array task, runs/JOBID for a SLURM job")
     model: str = _opt("net", "'net' (the recipe's CIFAR-10 Net) or a torchvision classification model")
-    dataset: str = _opt("cifar10", "training data", choices=("cifar10", "fake"))
+    dataset: str = _opt("cifar10", "training data: cifar10; digits (scikit-learn's 8x8 digits at 32x32, "
+                                   "offline); fake (random images for tests)", choices=("cifar10", "digits", "fake"))
     data_dir: str = _opt("data", "where CIFAR-10 lives (DATA_DIR/cifar-10-batches-py)")
     download: bool = _opt(False, "download CIFAR-10 into --data-dir if missing (main rank only)")
     fake_size: int = _opt(2048, "number of training images of --dataset fake (test split: a quarter)")

@@ -19,11 +19,13 @@ from dist_train.distributed import DistEnv, pick_device
 from dist_train.loop import evaluate
 from dist_train.models import build_model, strip_wrapper_prefixes
 
+DATASETS = next(f.metadata["choices"] for f in dataclasses.fields(Config) if f.name == "dataset")
+
 
 def parse_args(argv):
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a checkpoint file written by launch/train.py")
-    parser.add_argument("--dataset", choices=("cifar10", "fake"), help="default: the checkpoint's")
+    parser.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's")
     parser.add_argument("--data-dir", help="default: the checkpoint's")
     parser.add_argument("--fake-size", type=int, help="default: the checkpoint's")
     parser.add_argument("--batch-size", type=int, default=256)
