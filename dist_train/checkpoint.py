@@ -132,6 +132,18 @@ def find_latest_valid(ckpt_dir: Path, map_location="cpu") -> tuple[Path, dict] |
     return None
 
 
+def resolve_checkpoint(target: str, map_location="cpu") -> tuple[Path, dict]:
+    """A checkpoint file, or for a run directory the checkpoint a resume would take."""
+    path = Path(target)
+    if path.is_dir():
+        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        found = find_latest_valid(ckpt_dir, map_location)
+        if found is None:
+            raise UserError(f"{target}: no checkpoint in {ckpt_dir}")
+        return found
+    return path, load_checkpoint(path, map_location)
+
+
 def prune_checkpoints(ckpt_dir: Path, keep: int, protect: Path) -> list[Path]:
     """Delete all but the newest `keep` checkpoints; `protect` (the one just written) always stays."""
     removed = []

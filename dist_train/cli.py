@@ -1,4 +1,4 @@
-"""The dist-train command: train, evaluate, inspect, export, list.
+"""The dist-train command: train, evaluate, inspect, export, list, compare.
 
 `dist-train train` and `dist-train evaluate` run the same code as launch/train.py and
 launch/evaluate.py (dist_train/train.py, dist_train/evaluate.py), so an installed package needs no
@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from dist_train import __version__
 from dist_train.config import CheckpointError, OneLineErrorParser, UserError
 from dist_train.preemption import StopFlag
 
@@ -31,20 +32,6 @@ def run_evaluation(argv: list[str]) -> int:
     from dist_train.evaluate import main
 
     return main(argv)
-
-
-def resolve_checkpoint(target: str) -> tuple[Path, dict]:
-    """A checkpoint file, or the one a resume of a run directory would take."""
-    from dist_train.checkpoint import find_latest_valid, load_checkpoint
-
-    path = Path(target)
-    if path.is_dir():
-        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        found = find_latest_valid(ckpt_dir)
-        if found is None:
-            raise UserError(f"{target}: no checkpoint in {ckpt_dir}")
-        return found
-    return path, load_checkpoint(path)
 
 
 def describe(path: Path, checkpoint: dict) -> dict:
@@ -69,6 +56,8 @@ def describe(path: Path, checkpoint: dict) -> dict:
 
 
 def inspect_command(args) -> int:
+    from dist_train.checkpoint import resolve_checkpoint
+
     path, checkpoint = resolve_checkpoint(args.target)
     info = describe(path, checkpoint)
     if args.json:
@@ -84,6 +73,7 @@ def inspect_command(args) -> int:
 def export_command(args) -> int:
     import torch
 
+    from dist_train.checkpoint import resolve_checkpoint
     from dist_train.models import strip_wrapper_prefixes
 
     path, checkpoint = resolve_checkpoint(args.checkpoint)
@@ -124,11 +114,28 @@ def list_command(args) -> int:
     return 0
 
 
+def compare_command(args) -> int:
+    from dist_train.checkpoint import resolve_checkpoint
+    from dist_train.compare import compare_training_state, summary
+
+    (path_a, a), (path_b, b) = resolve_checkpoint(args.a), resolve_checkpoint(args.b)
+    print(f"A: {path_a}\nB: {path_b}")
+    differing = compare_training_state(a, b)
+    if not differing:
+        print(f"same training state, bit for bit: {summary(a)}")
+        return 0
+    shown = ", ".join(differing[:8]) + (f" and {len(differing) - 8} more" if len(differing) > 8 else "")
+    print(f"DIFFERENT training state: {shown}")
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="dist-train", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"dist_train {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("train", help="train (the flags of launch/train.py; --help lists them)", add_help=False)
-    commands.add_parser("evaluate", help="evaluate a checkpoint (launch/evaluate.py)", add_help=False)
+    commands.add_parser("evaluate", help="test loss and accuracy of a run directory or checkpoint "
+                        "(launch/evaluate.py)", add_help=False)
     inspect = commands.add_parser("inspect", help="what a checkpoint holds, and whether it loads and validates")
     inspect.add_argument("target", help="a checkpoint file, or a run directory (the checkpoint resume would take)")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
@@ -138,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=DTYPES, help="cast floating-point tensors")
     listing = commands.add_parser("list", help="a run's checkpoints, newest first")
     listing.add_argument("run_dir")
+    compare = commands.add_parser("compare", help="whether two checkpoints hold the same training state, bit "
+                                                  "for bit (exit 0) or not (exit 1)")
+    compare.add_argument("a", help="a checkpoint file, or a run directory (the checkpoint resume would take)")
+    compare.add_argument("b", help="likewise")
     return parser
 
 
@@ -149,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "evaluate":
             return run_evaluation(argv[1:])
         args = build_parser().parse_args(argv)
-        return {"inspect": inspect_command, "export": export_command, "list": list_command}[args.command](args)
+        commands = {"inspect": inspect_command, "export": export_command, "list": list_command,
+                    "compare": compare_command}
+        return commands[args.command](args)
     except (UserError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import shlex
 import sys
@@ -20,6 +21,9 @@ class CheckpointError(Exception):
     the dist-train command can catch it before importing torch)."""
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
 def _opt(default, help, **kwargs):
     return field(default=default, metadata={"help": help, **kwargs})
 
@@ -31,7 +35,8 @@ class Config:
     run_dir: str = _opt("", "run directory, checkpoints in RUN_DIR/checkpoints/; default runs/default, "
                             "or runs/ARRAYJOB_TASK for a SLURM array task, runs/JOBID for a SLURM job")
     model: str = _opt("net", "'net' (the recipe's CIFAR-10 Net) or a torchvision classification model")
-    dataset: str = _opt("cifar10", "training data", choices=("cifar10", "fake"))
+    dataset: str = _opt("cifar10", "training data: cifar10; digits (scikit-learn's 8x8 digits at 32x32, "
+                                   "offline); fake (random images for tests)", choices=("cifar10", "digits", "fake"))
     data_dir: str = _opt("data", "where CIFAR-10 lives (DATA_DIR/cifar-10-batches-py)")
     download: bool = _opt(False, "download CIFAR-10 into --data-dir if missing (main rank only)")
     fake_size: int = _opt(2048, "number of training images of --dataset fake (test split: a quarter)")
@@ -55,12 +60,15 @@ class Config:
     log_every_steps: int = _opt(50, "log the training loss every N steps")
     stop_check_every_steps: int = _opt(10, "ranks agree on a pending SIGUSR1/SIGTERM every N steps "
                                            "(a collective; it overlaps training)")
-    log_level: str = _opt("INFO", "logging level of the main rank (other ranks log warnings and errors)",
-                          choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    wandb_project: str | None = _opt(None, "log to this wandb project (main rank only); off when unset", type=str)
-    wandb_entity: str | None = _opt(None, "wandb entity (team or user)", type=str)
+    log_level: str = _opt("INFO", "logging level of the main rank (other ranks log warnings and errors), "
+                                  "in any case", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper)
+    wandb_project: str | None = _opt(None, "log to this wandb project (main rank only); off when unset",
+                                     type=str, env="WANDB_PROJECT")
+    wandb_entity: str | None = _opt(None, "wandb entity (team or user)", type=str, env="WANDB_ENTITY")
     wandb_name: str | None = _opt(None, "wandb run name; array tasks get -taskN appended", type=str)
-    wandb_mode: str = _opt("online", "wandb mode", choices=("online", "offline", "disabled"))
+    wandb_mode: str = _opt("online", "wandb mode", choices=WANDB_MODES, env="WANDB_MODE")
+    wandb_dir: str | None = _opt(None, "wandb writes its files under WANDB_DIR/wandb/; unset: the run directory",
+                                 type=str, env="WANDB_DIR")
     allow_config_change: bool = _opt(False, "resume even if the model, data, batch size, seed, epochs or "
                                             "world size differ from the checkpoint's (no longer exact)")
     max_requeues: int = _opt(20, "SIGUSR1 requeues the SLURM job at most this many times")
@@ -98,10 +106,32 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         meta = dict(f.metadata)
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+        elif "env" in meta:
+            # Absent unless given (on the command line or in a config file): then the environment
+            # variable the ecosystem uses applies, then the default (see with_environment).
+            env = meta.pop("env")
+            meta["help"] += f" (default: ${env}, else {'unset' if f.default is None else f.default})"
+            parser.add_argument(flag, default=argparse.SUPPRESS, **meta)
         else:
             meta.setdefault("type", type(f.default))
             parser.add_argument(flag, default=f.default, **meta)
     return parser
+
+
+def with_environment(values: dict, environ) -> dict:
+    """Fields not given as flags take their environment variable (WANDB_MODE for --wandb-mode...)."""
+    values = dict(values)
+    for f in dataclasses.fields(Config):
+        env = f.metadata.get("env")
+        if env is None or f.name in values:
+            continue
+        value = environ.get(env) or f.default
+        if f.name == "wandb_mode":
+            value = {"dryrun": "offline", "run": "online"}.get(value, value)  # wandb's older names
+            if value not in WANDB_MODES:
+                raise UserError(f"{env}={value}: use one of {', '.join(WANDB_MODES)}")
+        values[f.name] = value
+    return values
 
 
 def parse_config(argv: list[str] | None = None, environ=os.environ) -> Config:
@@ -114,7 +144,7 @@ def parse_config(argv: list[str] | None = None, environ=os.environ) -> Config:
         args = parser.parse_args(argv)
     if args.sweep_file:
         args = parser.parse_args(argv + sweep_overrides(args.sweep_file, environ))
-    values = vars(args)
+    values = with_environment(vars(args), environ)
     values.pop("config")
     config = Config(**values)
     if not config.run_dir:
@@ -205,6 +235,8 @@ def validate(config: Config) -> None:
     from dist_train.models import check_model_name
 
     check_model_name(config.model)
+    if config.wandb_project and config.wandb_mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise UserError("--wandb-project needs wandb, which is not installed: pip install 'dist_train[wandb]'")
     if config.amp == "fp16":
         import torch
 

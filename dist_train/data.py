@@ -101,6 +101,8 @@ def _cifar10(config: Config, train: bool):
 
 def build_datasets(config: Config, env: DistEnv) -> tuple[Dataset, Dataset]:
     """(train, test) datasets; train yields augmented samples for (index, epoch) keys."""
+    if config.dataset == "digits":
+        return build_digits(config.seed)
     if config.dataset == "fake":
         from torchvision.datasets import FakeData
 
@@ -118,6 +120,54 @@ def build_datasets(config: Config, env: DistEnv) -> tuple[Dataset, Dataset]:
         train, test = _cifar10(config, True), _cifar10(config, False)
     test.transform = eval_transform()
     return SeededAugmentation(train, train_transform(), config.seed), test
+
+
+class DigitImages(Dataset):
+    """Images as uint8 (N, 32, 32, 3) arrays with labels; yields (PIL image, label) as CIFAR10 does."""
+
+    def __init__(self, images, targets, transform=None):
+        self.images, self.targets, self.transform = images, targets, transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        image = Image.fromarray(self.images[index])
+        return (self.transform(image) if self.transform else image), int(self.targets[index])
+
+
+DIGITS_TEST_SIZE = 360  # a fifth of the 1,797 images, the same ones in every run (stratified, seed 0)
+
+
+def build_digits(seed: int) -> tuple[Dataset, Dataset]:
+    """scikit-learn's handwritten digits (shipped inside its wheel: no download), upscaled to the
+    32x32 RGB images that CIFAR-10 models take, with a fixed train/test split.
+
+    Augmentation: the random crop (padding 4, i.e. one original pixel) of CIFAR-10 but no
+    horizontal flip, which would turn a 2 into a mirror image no one writes."""
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise UserError("--dataset digits needs scikit-learn: pip install 'dist_train[digits]'") from None
+    from torchvision import transforms as T
+
+    digits = load_digits()
+    pixels = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0  # values 0..16
+    # Bilinear upscaling once, here; the result is fixed, so every rank and run sees the same images.
+    upscaled = torch.nn.functional.interpolate(pixels, size=(32, 32), mode="bilinear", align_corners=False)
+    images = (upscaled.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
+    images = images.permute(0, 2, 3, 1).contiguous().numpy()
+    train_idx, test_idx = train_test_split(range(len(images)), test_size=DIGITS_TEST_SIZE, random_state=0,
+                                           stratify=digits.target)
+    mean, std = images[train_idx].mean() / 255, images[train_idx].std() / 255
+    normalize = T.Normalize((mean,) * 3, (std,) * 3)
+    augment = T.Compose([T.RandomCrop(32, padding=4), T.ToTensor(), normalize])
+    train = DigitImages(images[train_idx], digits.target[train_idx])
+    test = DigitImages(images[test_idx], digits.target[test_idx], T.Compose([T.ToTensor(), normalize]))
+    return SeededAugmentation(train, augment, seed), test
 
 
 def _loader_generator(seed: int) -> torch.Generator:

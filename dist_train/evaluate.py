@@ -1,6 +1,6 @@
 """Evaluate a checkpoint: its weights in a plain model (no DDP), eval(), test loss and accuracy.
 
-    python launch/evaluate.py runs/default/checkpoints/step_000000500.pt --dataset fake
+    python launch/evaluate.py runs/default                       # the checkpoint resume would take
     dist-train evaluate runs/default/checkpoints/step_000000500.pt
 
 The model and data settings default to those stored in the checkpoint.
@@ -15,17 +15,20 @@ from pathlib import Path
 import torch
 
 from dist_train import data
-from dist_train.checkpoint import CheckpointError, load_checkpoint
+from dist_train.checkpoint import CheckpointError, resolve_checkpoint
 from dist_train.config import Config, OneLineErrorParser, UserError, validate
 from dist_train.distributed import DistEnv, pick_device
 from dist_train.loop import evaluate
 from dist_train.models import build_model, strip_wrapper_prefixes
 
+DATASETS = next(f.metadata["choices"] for f in dataclasses.fields(Config) if f.name == "dataset")
+
 
 def parse_args(argv):
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a checkpoint file written by launch/train.py")
-    parser.add_argument("--dataset", choices=("cifar10", "fake"), help="default: the checkpoint's")
+    parser.add_argument("checkpoint", help="a run directory (its checkpoint that a resume would take) "
+                                           "or a checkpoint file written by launch/train.py")
+    parser.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's")
     parser.add_argument("--data-dir", help="default: the checkpoint's")
     parser.add_argument("--fake-size", type=int, help="default: the checkpoint's")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -34,10 +37,10 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def evaluate_checkpoint(args) -> tuple[float, float, int]:
+def evaluate_checkpoint(args) -> tuple[Path, float, float, int]:
     num_visible = torch.cuda.device_count() if args.device != "cpu" and torch.cuda.is_available() else 0
     device = pick_device(args.device, 0, num_visible)
-    checkpoint = load_checkpoint(Path(args.checkpoint), map_location=device)
+    path, checkpoint = resolve_checkpoint(args.checkpoint, map_location=device)
     overrides = {k: v for k, v in vars(args).items()
                  if k in ("dataset", "data_dir", "fake_size", "batch_size", "num_workers") and v is not None}
     known = {f.name for f in dataclasses.fields(Config)}
@@ -53,15 +56,15 @@ def evaluate_checkpoint(args) -> tuple[float, float, int]:
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=device)
     _, test_set = data.build_datasets(config, env)
     loss, accuracy = evaluate(model, data.build_eval_loader(test_set, config, env), env)
-    return loss, accuracy, len(test_set)
+    return path, loss, accuracy, len(test_set)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
-        loss, accuracy, count = evaluate_checkpoint(args)
+        path, loss, accuracy, count = evaluate_checkpoint(args)
     except (UserError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{args.checkpoint}: test loss {loss:.4f} accuracy {accuracy:.4f} ({count} images)")
+    print(f"{path}: test loss {loss:.4f} accuracy {accuracy:.4f} ({count} images)")
     return 0

@@ -1,6 +1,7 @@
 """Logging with the rank in every line, progress output, and wandb on the main rank.
 
-wandb is imported only when a project is given. One wandb run follows a training across kills,
+wandb is imported only when a project is given (--wandb-project or $WANDB_PROJECT; config.py
+resolves each wandb flag from its environment variable when the flag is not given). One wandb run follows a training across kills,
 requeues and torchrun restarts: its id is kept in RUN_DIR/wandb.json (and in every checkpoint),
 and a resumed process re-opens that run. Steps between the last checkpoint and a kill are
 trained again after a resume (bit for bit the same values) but not logged again: wandb.json also
@@ -23,10 +24,11 @@ log = logging.getLogger(__name__)
 
 
 def setup_logging(rank: int, level: str = "INFO") -> None:
-    """INFO and up on the main rank; other ranks only warn. The rank is in every line."""
+    """INFO and up on the main rank; other ranks only warn. The rank is in every line, and the date:
+    a requeued job appends to one log file for days."""
     fmt = f"%(asctime)s [rank {rank}] %(levelname)s %(message)s"
     numeric = logging.getLevelName(level.upper())
-    logging.basicConfig(stream=sys.stderr, format=fmt, datefmt="%H:%M:%S", force=True,
+    logging.basicConfig(stream=sys.stderr, format=fmt, datefmt="%Y-%m-%d %H:%M:%S", force=True,
                         level=numeric if rank == 0 else max(logging.WARNING, numeric))
 
 
@@ -47,6 +49,7 @@ class WandbTracker:
         import wandb
 
         run_dir = Path(config.run_dir)
+        wandb_dir = config.wandb_dir or str(run_dir)  # --wandb-dir, else $WANDB_DIR, else the run's
         self._state_path = run_dir / "wandb.json"
         state = self._read_state()
         self.run_id = state.get("run_id") or run_id or uuid.uuid4().hex[:12]
@@ -54,9 +57,10 @@ class WandbTracker:
         self._write_state()  # the id is on disk before the run exists anywhere
         self.run = wandb.init(project=config.wandb_project, entity=config.wandb_entity,
                               name=run_name(config.wandb_name, config.run_dir), id=self.run_id,
-                              resume="allow", mode=config.wandb_mode, dir=str(run_dir),
+                              resume="allow", mode=config.wandb_mode, dir=wandb_dir,
                               config=config.to_dict(), settings=_flush_often(wandb))
-        log.info("wandb run %s (%s mode), files under %s", self.run_id, config.wandb_mode, run_dir / "wandb")
+        log.info("wandb run %s (%s mode) in project %s, files under %s", self.run_id, config.wandb_mode,
+                 config.wandb_project, Path(wandb_dir) / "wandb")
 
     def log(self, kind: str, metrics: dict, step: int) -> None:
         """Send `metrics` at `step` unless a step at or past it was already sent for this kind."""

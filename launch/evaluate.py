@@ -1,5 +1,6 @@
 """Evaluate a checkpoint: its weights in a plain model (no DDP), eval(), test loss and accuracy.
 
+    python launch/evaluate.py runs/default     # a run directory: the checkpoint resume would take
     python launch/evaluate.py runs/default/checkpoints/step_000000500.pt --dataset fake
 
 The code is dist_train/evaluate.py; `dist-train evaluate` runs the same.

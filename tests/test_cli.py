@@ -66,8 +66,30 @@ def test_export_model_weights_for_inference(reference_ws1, tmp_path, capsys, suf
 
 
 def test_evaluate_subcommand(reference_ws1, capsys):
-    code, out, _ = run_cli(["evaluate", str(reference_ws1 / "checkpoints" / "step_000000048.pt")], capsys)
-    assert code == 0 and "test loss" in out and "(96 images)" in out
+    code, out, _ = run_cli(["evaluate", str(reference_ws1 / "checkpoints" / "step_000000045.pt")], capsys)
+    assert code == 0 and "step_000000045.pt: test loss" in out and "(96 images)" in out
+    code, out, _ = run_cli(["evaluate", str(reference_ws1)], capsys)  # the checkpoint resume would take
+    assert code == 0 and "step_000000048.pt: test loss" in out and "(96 images)" in out
+
+
+def test_compare_two_checkpoints_training_state_bit_for_bit(reference_ws1, tmp_path, capsys):
+    newest = reference_ws1 / "checkpoints" / "step_000000048.pt"
+    copy = newest_checkpoint(reference_ws1)
+    copy["config"]["run_dir"] = "elsewhere"  # the configuration is not training state
+    torch.save(copy, tmp_path / "same.pt")
+    code, out, _ = run_cli(["compare", str(reference_ws1), str(tmp_path / "same.pt")], capsys)
+    assert code == 0 and f"A: {newest}" in out
+    assert "same training state, bit for bit: model (10 tensors), optimizer, scheduler, RNG of 1 rank(s); " \
+           "step 48, epoch 1" in out
+    bias = copy["model_state_dict"]["fc3.bias"]
+    bias.view(torch.int32)[3] ^= 1  # one bit of one weight
+    copy["rng_states"][0]["torch"][100] ^= 1
+    torch.save(copy, tmp_path / "other.pt")
+    code, out, _ = run_cli(["compare", str(newest), str(tmp_path / "other.pt")], capsys)
+    assert code == 1 and out.splitlines()[-1] == \
+        "DIFFERENT training state: model_state_dict/fc3.bias, rng_states[0]/torch"
+    code, _, _ = run_cli(["compare", str(newest), str(reference_ws1 / "checkpoints" / "step_000000045.pt")], capsys)
+    assert code == 1
 
 
 def test_python_m_dist_train_train_relaunch_of_a_finished_run(reference_ws1):
@@ -149,6 +171,6 @@ def test_bad_input_is_one_line_and_harms_nothing(case, reference_ws1, tmp_path, 
 
 def test_inspect_and_evaluate_refuse_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello\n")
-    for command in (["inspect"], ["evaluate"], ["export", "--out", str(tmp_path / "w.pt")]):
+    for command in (["inspect"], ["evaluate"], ["export", "--out", str(tmp_path / "w.pt")], ["compare", str(tmp_path / "notes.txt")]):
         code, _, err = run_cli([*command, str(tmp_path / "notes.txt")], capsys)
         assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err

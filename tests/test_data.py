@@ -49,3 +49,31 @@ def test_augmentation_depends_on_seed_epoch_and_index_only():
     before = torch.get_rng_state()
     dataset[(3, 0)]
     assert torch.equal(torch.get_rng_state(), before), "the caller's RNG is left untouched"
+
+
+def test_digits_are_real_32x32_rgb_images_with_a_fixed_split():
+    from dist_train.data import build_digits
+
+    train, test = build_digits(seed=0)
+    assert (len(train), len(test)) == (1437, 360)
+    image, label = train[(7, 0)]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and 0 <= label < 10
+    assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])  # grey, as 3 channels
+    assert sorted({test[i][1] for i in range(len(test))}) == list(range(10))
+    again_train, again_test = build_digits(seed=5)  # the split does not follow the training seed
+    assert all(torch.equal(test[i][0], again_test[i][0]) for i in range(0, 360, 7))
+    assert (train.dataset.images == again_train.dataset.images).all()
+
+
+def test_digits_augmentation_is_seeded_per_sample_and_never_mirrors():
+    from torchvision import transforms as T
+
+    from dist_train.data import build_digits
+
+    train, _ = build_digits(seed=0)
+    first = train[(5, 1)][0]
+    torch.manual_seed(123)
+    assert torch.equal(train[(5, 1)][0], first)
+    assert not torch.equal(train[(5, 2)][0], first)  # a new epoch, a new shift
+    steps = [type(t) for t in train.transform.transforms]
+    assert T.RandomCrop in steps and T.RandomHorizontalFlip not in steps  # a mirrored 2 is no digit

@@ -6,12 +6,17 @@ import fcntl
 import json
 import os
 import pty
+import re
 import struct
 import subprocess
 import sys
 import termios
 
-from conftest import REPO, launch_command, newest_checkpoint, python_env
+import pytest
+
+from conftest import REPO, launch_command, newest_checkpoint, python_env, run
+from dist_train.cli import main as cli_main
+from dist_train.config import UserError, parse_config
 from dist_train.tracking import run_name
 from wandb_records import read_run
 
@@ -95,3 +100,56 @@ def test_wandb_is_not_imported_when_off(tmp_path):
                             text=True, timeout=120)
     assert "training complete" in result.stderr, result.stderr[-2000:]
     assert "wandb imported: False" in result.stdout
+
+
+WANDB_ENVIRON = {"WANDB_PROJECT": "from-env", "WANDB_ENTITY": "team-env", "WANDB_MODE": "offline",
+                 "WANDB_DIR": "/somewhere/else"}
+
+
+def wandb_settings(config) -> tuple:
+    return config.wandb_project, config.wandb_entity, config.wandb_mode, config.wandb_dir
+
+
+def test_wandb_environment_variables_apply_where_no_flag_is_given(tmp_path):
+    assert wandb_settings(parse_config([], {})) == (None, None, "online", None)
+    assert wandb_settings(parse_config([], WANDB_ENVIRON)) == ("from-env", "team-env", "offline", "/somewhere/else")
+    flags = ["--wandb-project", "p", "--wandb-entity", "e", "--wandb-mode", "disabled", "--wandb-dir", "d"]
+    assert wandb_settings(parse_config(flags, WANDB_ENVIRON)) == ("p", "e", "disabled", "d")
+    assert parse_config(["--wandb-mode", "online"], WANDB_ENVIRON).wandb_mode == "online"
+    (tmp_path / "c.toml").write_text('wandb-mode = "disabled"\n')  # a config file is given too
+    assert parse_config(["--config", str(tmp_path / "c.toml")], WANDB_ENVIRON).wandb_mode == "disabled"
+    assert parse_config([], {"WANDB_MODE": "dryrun"}).wandb_mode == "offline"  # wandb's older name
+    with pytest.raises(UserError, match="WANDB_MODE=sometimes: use one of online, offline, disabled"):
+        parse_config([], {"WANDB_MODE": "sometimes"})
+
+
+def test_log_level_in_any_case(tmp_path):
+    assert parse_config(["--log-level", "info"], {}).log_level == "INFO"
+    (tmp_path / "c.yaml").write_text("log_level: debug\n")
+    assert parse_config(["--config", str(tmp_path / "c.yaml")], {}).log_level == "DEBUG"
+
+
+def test_wandb_from_the_environment_offline_and_dated_log_lines(tmp_path):
+    run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb-files"
+    args = ["--dataset", "fake", "--fake-size", "32", "--batch-size", "16", "--epochs", "1", "--num-workers", "0",
+            "--run-dir", str(run_dir), "--log-level", "info", "--log-every-steps", "1"]
+    environ = WANDB_ENVIRON | {"WANDB_DIR": str(wandb_dir)}
+    out = run(args, env_extra=environ).stdout
+    run_id = json.loads((run_dir / "wandb.json").read_text())["run_id"]
+    assert f"wandb run {run_id} (offline mode) in project from-env, files under {wandb_dir / 'wandb'}" in out
+    [run_file] = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
+    record = read_run(run_file)
+    assert (record["run_id"], record["project"], record["entity"]) == (run_id, "from-env", "team-env")
+    assert not (run_dir / "wandb").exists()
+    log_lines = [line for line in out.splitlines() if "[rank 0]" in line]
+    assert len(log_lines) >= 4
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[rank 0\] ", line) for line in log_lines), log_lines
+
+
+def test_a_missing_wandb_is_one_line_naming_the_extra(tmp_path, monkeypatch, capsys, restore_signals):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what an environment without wandb imports
+    code = cli_main(["train", "--dataset", "fake", "--run-dir", str(tmp_path / "run"), "--wandb-project", "p"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == ("error: --wandb-project needs wandb, which is not installed: "
+                                 "pip install 'dist_train[wandb]'\n")
+    assert not (tmp_path / "run").exists()

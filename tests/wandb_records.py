@@ -43,7 +43,8 @@ def _items(items) -> dict:
 
 
 def read_run(path: Path) -> dict:
-    """{'run_id', 'config': {key: value}, 'history': [{'_step': n, key: value}], 'summary': {...}}"""
+    """{'run_id', 'project', 'entity', 'config': {key: value}, 'history': [{'_step': n, key: value}],
+    'summary': {...}}"""
     out = {"run_id": None, "config": {}, "history": [], "summary": {}}
     for payload in payloads(path):
         record = wandb_internal_pb2.Record()
@@ -51,6 +52,7 @@ def read_run(path: Path) -> dict:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             out["run_id"] = record.run.run_id
+            out["project"], out["entity"] = record.run.project, record.run.entity
             out["config"].update(_items(record.run.config.update))
         elif kind == "config":
             out["config"].update(_items(record.config.update))
