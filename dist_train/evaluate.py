@@ -42,7 +42,8 @@ def evaluate_checkpoint(args) -> tuple[Path, float, float, int]:
                  if k in ("dataset", "data_dir", "fake_size", "batch_size", "num_workers") and v is not None}
     known = {f.name for f in dataclasses.fields(Config)}
     stored = {k: v for k, v in checkpoint.get("config", {}).items() if k in known}
-    config = dataclasses.replace(Config(**stored), **overrides)
+    # Evaluation logs nowhere: a run trained with wandb evaluates where wandb is not installed.
+    config = dataclasses.replace(Config(**stored), wandb_project=None, **overrides)
     validate(config)
 
     model = build_model(config.model).to(device)
