@@ -45,9 +45,10 @@ def evaluate_checkpoint(args) -> tuple[Path, float, float, int]:
                  if k in ("dataset", "data_dir", "fake_size", "batch_size", "num_workers") and v is not None}
     known = {f.name for f in dataclasses.fields(Config)}
     stored = {k: v for k, v in checkpoint.get("config", {}).items() if k in known}
-    # Evaluation runs in fp32 on the device chosen here: the training's AMP mode and device do not
-    # apply (a run trained with --amp fp16 on a GPU is evaluated on a CPU-only machine as well).
-    config = dataclasses.replace(Config(**stored), **overrides, amp="off", device=device.type)
+    # Evaluation runs in fp32 on the device chosen here and logs nowhere: the training's AMP mode,
+    # device and wandb settings do not apply (a run trained with --amp fp16 and wandb on a GPU is
+    # evaluated on a CPU-only machine without wandb as well).
+    config = dataclasses.replace(Config(**stored), **overrides, amp="off", device=device.type, wandb_project=None)
     validate(config)
 
     model = build_model(config.model).to(device)

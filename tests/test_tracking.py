@@ -1,4 +1,5 @@
-"""wandb (offline) across kills and resumes, and the progress output on and off a terminal."""
+"""wandb (offline) across kills and resumes, wandb's environment variables, wandb as an optional
+extra, the progress output on and off a terminal, and the log lines' format."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 import termios
 
 import pytest
+import torch
 
 from conftest import REPO, launch_command, newest_checkpoint, python_env, run
 from dist_train.cli import main as cli_main
@@ -153,3 +155,12 @@ def test_a_missing_wandb_is_one_line_naming_the_extra(tmp_path, monkeypatch, cap
     assert code == 2 and err == ("error: --wandb-project needs wandb, which is not installed: "
                                  "pip install 'dist_train[wandb]'\n")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_trained_with_wandb_evaluates_without_it(reference_ws1, tmp_path, monkeypatch, capsys):
+    checkpoint = newest_checkpoint(reference_ws1)
+    checkpoint["config"] |= {"wandb_project": "p", "wandb_mode": "online"}
+    torch.save(checkpoint, tmp_path / "step_000000048.pt")
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    code = cli_main(["evaluate", str(tmp_path / "step_000000048.pt")])
+    assert code == 0 and "accuracy" in capsys.readouterr().out
