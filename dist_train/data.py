@@ -140,8 +140,14 @@ def _loader_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def build_train_loader(dataset: SeededAugmentation, config: Config, env: DistEnv) -> DataLoader:
+def build_train_loader(dataset: SeededAugmentation, config: Config, env: DistEnv):
+    """Batches of (inputs, targets) in the sampler's order: a DataLoader (--data-path loader), or
+    the whole set on the device, augmented there in batches (--data-path device); the same bits."""
     sampler = ResumableSampler(dataset, env, config.batch_size, config.seed)
+    if config.data_path == "device":
+        from dist_train.device_data import DeviceBatches
+
+        return DeviceBatches(dataset, sampler, config.batch_size, env.device)
     return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
                       num_workers=config.num_workers, pin_memory=env.device.type == "cuda",
                       worker_init_fn=ignore_signals_in_worker, generator=_loader_generator(config.seed))

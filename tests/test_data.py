@@ -1,4 +1,4 @@
-"""The resumable sampler, seeded augmentation, and and the DataLoader."""
+"""The resumable sampler, seeded augmentation, and the two data paths (DataLoader and on-device)."""
 
 from __future__ import annotations
 
@@ -101,14 +101,32 @@ def fake_config(**overrides) -> Config:
     return Config(dataset="fake", fake_size=100, batch_size=8, num_workers=0, seed=5, **overrides)
 
 
+def batches(data_path: str, rank: int, world_size: int, epoch: int, start_batch: int) -> list:
+    config = fake_config(data_path=data_path)
+    train, _ = build_datasets(config, env(rank, world_size))
+    loader = build_train_loader(train, config, env(rank, world_size))
+    loader.sampler.set_epoch(epoch, start_batch)
+    return list(loader)
+
+
+@pytest.mark.parametrize("rank,start_batch", [(0, 0), (1, 3)])
+def test_device_path_yields_the_loader_paths_batches(rank, start_batch):
+    on_device, from_loader = (batches(path, rank, 2, 1, start_batch) for path in ("device", "loader"))
+    assert len(on_device) == len(from_loader) == 7 - start_batch  # 50 samples per rank, 8 a batch
+    for (inputs, targets), (expected_inputs, expected_targets) in zip(on_device, from_loader):
+        assert inputs.dtype == torch.float32 and torch.equal(inputs, expected_inputs)
+        assert torch.equal(targets, expected_targets)
+
+
 def global_rng_states():
     return torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
 
 
-def test_loading_batches_never_touches_a_global_rng(monkeypatch):
+@pytest.mark.parametrize("data_path", ["loader", "device"])
+def test_loading_batches_never_touches_a_global_rng(data_path, monkeypatch):
     """With num_workers=0 batches are made in the training process: its RNG streams (and CUDA's,
     which torch.manual_seed would reseed) must not move."""
-    config = fake_config()
+    config = fake_config(data_path=data_path)
     train, test = build_datasets(config, env(0, 1))  # FakeData draws its images here, once
     loader = build_train_loader(train, config, env(0, 1))
     loader.sampler.set_epoch(2, start_batch=1)
