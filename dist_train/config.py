@@ -42,7 +42,7 @@ class Config:
     momentum: float = _opt(0.9, "SGD momentum")
     weight_decay: float = _opt(0.0, "SGD weight decay")
     seed: int = _opt(0, "seed of the model init, shuffling, augmentation and every rank's RNG")
-    num_workers: int = _opt(2, "DataLoader worker processes per rank")
+    num_workers: int = _opt(2, "DataLoader worker processes per rank (--data-path loader, and evaluation)")
     data_path: str = _opt("device", "device: the training set as uint8 tensors on the device, augmented "
                                     "there in batches; loader: a DataLoader with --num-workers workers "
                                     "(the same batches, bit for bit)", choices=("device", "loader"))
