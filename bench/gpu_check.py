@@ -4,7 +4,8 @@
     DEVICE=cpu MODEL=net python bench/gpu_check.py     # the same checks on CPU (1 and 2 ranks, gloo)
 
 For each world size (1, and the number of visible GPUs) and each precision (fp32, bf16, fp16 with
-a GradScaler; fp16 on CUDA only): an uninterrupted torchrun run; a second run SIGKILLed whole
+a GradScaler; fp16 on CUDA only), and in fp32 with the DataLoader path too (whose result must also
+equal the default device path's): an uninterrupted torchrun run; a second run SIGKILLed whole
 (agent, ranks, loader workers) mid-run and relaunched; the resumed run must start at a step
 strictly between 0 and the end (the kill landed mid-run) and end with a checkpoint equal bit for
 bit to the uninterrupted one: model, optimizer, scheduler, scaler, every rank's RNG states,
@@ -148,7 +149,8 @@ def loads_without_cuda(path: Path) -> bool:
 
 
 def check(nproc: int, precision: str, work: Path) -> tuple[bool, str, str]:
-    extra = [] if precision == "fp32" else ["--amp", precision]
+    """precision: fp32, bf16, fp16, or loader (fp32 with --data-path loader instead of the device path)."""
+    extra = {"fp32": [], "loader": ["--data-path", "loader"]}.get(precision, ["--amp", precision])
     name = f"ws{nproc}-{precision}"
     reference = run_to_end(torchrun(nproc, work / f"{name}-ref", extra), work / f"{name}-ref.log")
     total_steps = int(re.search(r"training complete: \d+ epochs, (\d+) steps", reference).group(1))
@@ -157,6 +159,10 @@ def check(nproc: int, precision: str, work: Path) -> tuple[bool, str, str]:
     diffs = [d for key in COMPARED for d in differences(ref.get(key), cut.get(key), key)]
     if not loads_without_cuda(path):
         diffs.append("the checkpoint does not load with torch.load(PATH) where CUDA is not visible")
+    if precision == "loader":  # both data paths train to the same bits
+        _, device_path = newest(work / f"ws{nproc}-fp32-ref")
+        diffs += [f"loader vs device path: {d}" for key in COMPARED
+                  for d in differences(device_path.get(key), ref.get(key), key)]
     return not diffs, "; ".join(diffs[:5]) or "bitwise equal", \
         f"{samples_per_second(reference):.0f} samples/s, peak {peak_memory(reference, 'after start-up')} " \
         f"fresh / {peak_memory(resumed, 'after the resume')} resumed / {peak_memory(reference, 'of the whole run')} run"
@@ -169,7 +175,7 @@ def main() -> int:
         return 1
     print(f"torch {torch.__version__}, device {DEVICE}, "
           f"{torch.cuda.get_device_name(0) if DEVICE == 'cuda' else 'cpu'}, {visible} visible, model {MODEL}")
-    precisions = ["fp32", "bf16"] + (["fp16"] if DEVICE == "cuda" else [])
+    precisions = ["fp32", "loader", "bf16"] + (["fp16"] if DEVICE == "cuda" else [])
     ok, started = True, time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -47,7 +47,10 @@ class Config:
     momentum: float = _opt(0.9, "SGD momentum")
     weight_decay: float = _opt(0.0, "SGD weight decay")
     seed: int = _opt(0, "seed of the model init, shuffling, augmentation and every rank's RNG")
-    num_workers: int = _opt(2, "DataLoader worker processes per rank")
+    num_workers: int = _opt(2, "DataLoader worker processes per rank (--data-path loader, and evaluation)")
+    data_path: str = _opt("device", "device: the training set as uint8 tensors on the device, augmented "
+                                    "there in batches; loader: a DataLoader with --num-workers workers "
+                                    "(the same batches, bit for bit)", choices=("device", "loader"))
     save_every_steps: int = _opt(200, "save every N optimizer steps (0: only at epoch ends)")
     keep: int = _opt(3, "number of newest checkpoints kept")
     resume: str | None = _opt(None, "resume from this checkpoint file instead of the newest valid one", type=str)
@@ -185,6 +188,7 @@ def read_config_file(path: str) -> dict:
 
 
 # What an exact continuation needs unchanged; a resume that changes one stops unless allowed.
+# Not data_path: both paths yield the same batches to the bit, so a resume may switch paths.
 EXACTNESS_KEYS = ("model", "dataset", "fake_size", "batch_size", "seed", "epochs", "lr_schedule", "amp")
 
 

@@ -2,8 +2,9 @@
 
 Two properties make a mid-epoch resume exact without replaying the data pipeline:
 - the sampler can start an epoch at any batch, so consumed batches are skipped, never loaded;
-- augmentation randomness is seeded per sample from (seed, epoch, index), so it depends neither on
-  which worker loads a sample nor on where the epoch was cut.
+- augmentation is a function of (seed, epoch, index) alone (dist_train/augment.py), so it depends
+  neither on which worker or path loads a sample nor on where the epoch was cut.
+Loading a batch never touches a global RNG.
 """
 
 from __future__ import annotations
@@ -14,44 +15,31 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from dist_train.augment import CropFlipNormalize, Normalize, as_uint8_chw
 from dist_train.config import Config, UserError
 from dist_train.distributed import DistEnv, barrier
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-_MIX = 6364136223846793005  # a 64-bit LCG multiplier: spreads (seed, epoch, index) over seeds
 
 
-def train_transform():
-    from torchvision import transforms as T
-
-    return T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+def train_transform() -> CropFlipNormalize:
+    """RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize: seeded per sample."""
+    return CropFlipNormalize(CIFAR10_MEAN, CIFAR10_STD, padding=4, flip=True)
 
 
-def eval_transform():
-    from torchvision import transforms as T
-
-    return T.Compose([T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A seed for one sample's augmentation, fixed by (seed, epoch, index) alone."""
-    mixed = seed
-    for part in (epoch, index):
-        mixed = (mixed * _MIX + part + 1) % (1 << 63)
-    return mixed
+def eval_transform() -> Normalize:
+    return Normalize(CIFAR10_MEAN, CIFAR10_STD)
 
 
 class SeededAugmentation(Dataset):
-    """Applies `transform` to `dataset[index]` under a torch RNG seeded by (seed, epoch, index).
+    """Applies `augmentation` (a CropFlipNormalize) to `dataset[index]` as drawn for (seed, epoch, index).
 
-    Indexed by (index, epoch) pairs, as ResumableSampler yields them. The caller's RNG state is
-    saved and restored around the transform, so with num_workers=0 the main process's RNG is untouched.
-    """
+    Indexed by (index, epoch) pairs, as ResumableSampler yields them. `dataset` yields (image, target)
+    with PIL images (CIFAR10) or CHW uint8 tensors."""
 
-    def __init__(self, dataset: Dataset, transform, seed: int):
-        self.dataset, self.transform, self.seed = dataset, transform, seed
+    def __init__(self, dataset: Dataset, augmentation: CropFlipNormalize, seed: int):
+        self.dataset, self.augmentation, self.seed = dataset, augmentation, seed
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -59,9 +47,34 @@ class SeededAugmentation(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, epoch = key
         image, target = self.dataset[index]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
-            return self.transform(image), target
+        return self.augmentation.sample(image, self.seed, epoch, index), target
+
+
+class InMemoryImages(Dataset):
+    """CHW uint8 images and integer targets held as two tensors; yields (image, int target)."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, transform=None):
+        self.images, self.targets, self.transform = images, targets, transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        return (self.transform(image) if self.transform else image), int(self.targets[index])
+
+
+def materialize(dataset: Dataset) -> InMemoryImages:
+    """Every (image, target) of `dataset`, read once.
+
+    For FakeData: it seeds the global RNG to draw each image (torch.manual_seed, which also
+    reseeds CUDA), so it is read here, once, at start-up, inside a fork of the RNG, and never
+    while training."""
+    devices = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        pairs = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([as_uint8_chw(image) for image, _ in pairs])
+    return InMemoryImages(images, torch.tensor([int(target) for _, target in pairs]))
 
 
 class ResumableSampler(DistributedSampler):
@@ -107,8 +120,9 @@ def build_datasets(config: Config, env: DistEnv) -> tuple[Dataset, Dataset]:
         from torchvision.datasets import FakeData
 
         # FakeData seeds each image by its index: the same images in every process and every run.
-        train = FakeData(config.fake_size, (3, 32, 32), 10)
-        test = FakeData(max(1, config.fake_size // 4), (3, 32, 32), 10, random_offset=config.fake_size)
+        train = materialize(FakeData(config.fake_size, (3, 32, 32), 10))
+        test = materialize(FakeData(max(1, config.fake_size // 4), (3, 32, 32), 10,
+                                    random_offset=config.fake_size))
     else:
         if config.download:
             if env.is_main:
@@ -120,22 +134,6 @@ def build_datasets(config: Config, env: DistEnv) -> tuple[Dataset, Dataset]:
         train, test = _cifar10(config, True), _cifar10(config, False)
     test.transform = eval_transform()
     return SeededAugmentation(train, train_transform(), config.seed), test
-
-
-class DigitImages(Dataset):
-    """Images as uint8 (N, 32, 32, 3) arrays with labels; yields (PIL image, label) as CIFAR10 does."""
-
-    def __init__(self, images, targets, transform=None):
-        self.images, self.targets, self.transform = images, targets, transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int):
-        from PIL import Image
-
-        image = Image.fromarray(self.images[index])
-        return (self.transform(image) if self.transform else image), int(self.targets[index])
 
 
 DIGITS_TEST_SIZE = 360  # a fifth of the 1,797 images, the same ones in every run (stratified, seed 0)
@@ -152,21 +150,19 @@ def build_digits(seed: int) -> tuple[Dataset, Dataset]:
         from sklearn.model_selection import train_test_split
     except ImportError:
         raise UserError("--dataset digits needs scikit-learn: pip install 'dist_train[digits]'") from None
-    from torchvision import transforms as T
-
     digits = load_digits()
     pixels = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0  # values 0..16
     # Bilinear upscaling once, here; the result is fixed, so every rank and run sees the same images.
     upscaled = torch.nn.functional.interpolate(pixels, size=(32, 32), mode="bilinear", align_corners=False)
-    images = (upscaled.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
-    images = images.permute(0, 2, 3, 1).contiguous().numpy()
+    images = (upscaled.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    targets = torch.from_numpy(digits.target).long()
     train_idx, test_idx = train_test_split(range(len(images)), test_size=DIGITS_TEST_SIZE, random_state=0,
                                            stratify=digits.target)
-    mean, std = images[train_idx].mean() / 255, images[train_idx].std() / 255
-    normalize = T.Normalize((mean,) * 3, (std,) * 3)
-    augment = T.Compose([T.RandomCrop(32, padding=4), T.ToTensor(), normalize])
-    train = DigitImages(images[train_idx], digits.target[train_idx])
-    test = DigitImages(images[test_idx], digits.target[test_idx], T.Compose([T.ToTensor(), normalize]))
+    train_pixels = images[train_idx].double() / 255
+    mean, std = float(train_pixels.mean()), float(train_pixels.std(correction=0))
+    train = InMemoryImages(images[train_idx], targets[train_idx])
+    test = InMemoryImages(images[test_idx], targets[test_idx], Normalize((mean,) * 3, (std,) * 3))
+    augment = CropFlipNormalize((mean,) * 3, (std,) * 3, padding=4, flip=False)
     return SeededAugmentation(train, augment, seed), test
 
 
@@ -176,8 +172,14 @@ def _loader_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def build_train_loader(dataset: Dataset, config: Config, env: DistEnv) -> DataLoader:
+def build_train_loader(dataset: SeededAugmentation, config: Config, env: DistEnv):
+    """Batches of (inputs, targets) in the sampler's order: a DataLoader (--data-path loader), or
+    the whole set on the device, augmented there in batches (--data-path device); the same bits."""
     sampler = ResumableSampler(dataset, env, config.batch_size, config.seed)
+    if config.data_path == "device":
+        from dist_train.device_data import DeviceBatches
+
+        return DeviceBatches(dataset, sampler, config.batch_size, env.device)
     return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
                       num_workers=config.num_workers, pin_memory=env.device.type == "cuda",
                       worker_init_fn=ignore_signals_in_worker, generator=_loader_generator(config.seed))

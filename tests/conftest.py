@@ -189,7 +189,7 @@ def session_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def reference_ws1(session_dir) -> Path:
     run_dir = session_dir / "reference_ws1"
-    out = run(SMALL_RUN + ["--run-dir", str(run_dir)]).stdout
+    out = run(SMALL_RUN + ["--run-dir", str(run_dir), "--data-path", "device"]).stdout
     assert "training complete: 2 epochs, 48 steps" in out
     return run_dir
 
@@ -197,7 +197,7 @@ def reference_ws1(session_dir) -> Path:
 @pytest.fixture(scope="session")
 def reference_ws2(session_dir) -> Path:
     run_dir = session_dir / "reference_ws2"
-    out = run(SMALL_RUN + ["--run-dir", str(run_dir)], nproc=2).stdout
+    out = run(SMALL_RUN + ["--run-dir", str(run_dir), "--data-path", "device"], nproc=2).stdout
     assert "training complete: 2 epochs, 24 steps" in out
     return run_dir
 
@@ -205,7 +205,9 @@ def reference_ws2(session_dir) -> Path:
 @pytest.fixture(scope="session")
 def killed_ws1(session_dir) -> tuple[Path, list[str]]:
     """SMALL_RUN on one process, SIGKILLed mid-epoch 0, right after the epoch 0 boundary and mid-epoch 1,
-    relaunched each time, with wandb logging offline (it must not change the training)."""
+    relaunched each time, with wandb logging offline (it must not change the training); the data on
+    the device."""
     run_dir = session_dir / "killed_ws1"
-    args = SMALL_RUN + ["--run-dir", str(run_dir), "--wandb-project", "dist-train-tests", "--wandb-mode", "offline"]
+    args = SMALL_RUN + ["--run-dir", str(run_dir), "--wandb-project", "dist-train-tests", "--wandb-mode", "offline",
+                        "--data-path", "device"]
     return run_dir, kill_and_resume(args, run_dir, kill_after_steps=[8, 25, 37], nproc=1)

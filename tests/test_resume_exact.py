@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from conftest import SMALL_RUN, Launch, assert_same_training_state, kill_and_resume, newest_checkpoint, run
 
 
@@ -26,13 +27,26 @@ def test_killed_single_process_run_resumes_bit_exactly(killed_ws1, reference_ws1
 
 def test_killed_two_rank_torchrun_resumes_bit_exactly(reference_ws2, session_dir):
     run_dir = session_dir / "killed_ws2"
-    args = SMALL_RUN + ["--run-dir", str(run_dir)]
+    args = SMALL_RUN + ["--run-dir", str(run_dir), "--data-path", "device"]
     outputs = kill_and_resume(args, run_dir, kill_after_steps=[7, 16], nproc=2)
     assert all("resuming from" in out for out in outputs[1:])
     assert not any("[rank 1] INFO" in out for out in outputs)  # at INFO only rank 0 speaks
     final = newest_checkpoint(run_dir)
     assert final["world_size"] == 2 and len(final["rng_states"]) == 2
     assert_same_training_state(final, newest_checkpoint(reference_ws2))
+
+
+@pytest.mark.parametrize("nproc,kill_after_steps", [(1, [8, 30]), (2, [7, 16])])
+def test_killed_loader_path_run_resumes_to_the_same_bits_as_the_device_path(nproc, kill_after_steps, session_dir,
+                                                                              request):
+    """--data-path loader (2 DataLoader workers), killed and resumed, ends where an uninterrupted
+    --data-path device run ends: the loader path resumes exactly, and both paths train alike."""
+    reference = request.getfixturevalue(f"reference_ws{nproc}")
+    run_dir = session_dir / f"killed_loader_ws{nproc}"
+    args = SMALL_RUN + ["--run-dir", str(run_dir), "--data-path", "loader"]
+    outputs = kill_and_resume(args, run_dir, kill_after_steps, nproc)
+    assert all("resuming from" in out for out in outputs[1:])
+    assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference))
 
 
 def test_killed_four_rank_run_resumes_bit_exactly(session_dir):

@@ -19,12 +19,17 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def main() -> None:
-    script, args = sys.argv[1], sys.argv[2:]
-    folder = Path(args[args.index("--data-dir") + 1]) / CIFAR10.base_folder
+def accept_generated_files(data_dir: str) -> None:
+    """Make CIFAR10 (in this process) accept the files under data_dir as the real download."""
+    folder = Path(data_dir) / CIFAR10.base_folder
     CIFAR10.train_list = [[name, _md5(folder / name)] for name, _ in CIFAR10.train_list]
     CIFAR10.test_list = [[name, _md5(folder / name)] for name, _ in CIFAR10.test_list]
     CIFAR10.meta = dict(CIFAR10.meta, md5=_md5(folder / CIFAR10.meta["filename"]))
+
+
+def main() -> None:
+    script, args = sys.argv[1], sys.argv[2:]
+    accept_generated_files(args[args.index("--data-dir") + 1])
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")
 
