@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class UserError(ValueError):
-    """A mistake the user can fix; reported as one line and a non-zero exit, never a traceback."""
-
-
-class CheckpointError(Exception):
-    """A file that is not a loadable checkpoint of this format (defined here, torch-free, so that
-    the dist-train command can catch it before importing torch)."""
+from dist_train.errors import CheckpointError, UserError  # noqa: F401  (re-exported)
 
 
 def _opt(default, help, **kwargs):
@@ -61,8 +55,10 @@ class Config:
     wandb_entity: str | None = _opt(None, "wandb entity (team or user)", type=str)
     wandb_name: str | None = _opt(None, "wandb run name; array tasks get -taskN appended", type=str)
     wandb_mode: str = _opt("online", "wandb mode", choices=("online", "offline", "disabled"))
-    allow_config_change: bool = _opt(False, "resume even if the model, data, batch size, seed, epochs or "
-                                            "world size differ from the checkpoint's (no longer exact)")
+    allow_config_change: bool = _opt(False, "resume even if a setting exactness depends on (model, data, batch "
+                                            "size, seed, epochs, lr, momentum, weight decay, world size, "
+                                            "threads, device, torch version) differs from the checkpoint's; "
+                                            "the new values are used (no longer exact)")
     max_requeues: int = _opt(20, "SIGUSR1 requeues the SLURM job at most this many times")
     sweep_file: str | None = _opt(None, "one line of flags per SLURM array task, picked by "
                                         "SLURM_ARRAY_TASK_ID (0: the first line); they override the others",
@@ -100,12 +96,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None, environ=os.environ) -> Config:
-    """Flags (plus the sweep line of this array task) -> a validated Config; UserError on bad values."""
+    """Flags (over a config file's values, under the sweep line of this array task) -> a validated
+    Config; UserError on bad values. File values are turned into flags, so they meet the same
+    types, choices and checks as the command line."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config:
-        parser.set_defaults(**read_config_file(args.config))
+        file_argv = config_file_argv(read_config_file(args.config), args.config)
+        try:
+            parser.parse_args(file_argv)
+        except UserError as error:
+            raise UserError(f"config file {args.config}: {error}") from None
+        argv = file_argv + argv  # later flags win: the command line overrides the file
         args = parser.parse_args(argv)
     if args.sweep_file:
         args = parser.parse_args(argv + sweep_overrides(args.sweep_file, environ))
@@ -118,49 +121,37 @@ def parse_config(argv: list[str] | None = None, environ=os.environ) -> Config:
     return config
 
 
-def read_config_file(path: str) -> dict:
-    """Flag values from a TOML (.toml) or YAML (.yaml/.yml) file; unknown keys are an error."""
-    try:
-        text = Path(path).read_text()
-    except OSError as error:
-        raise UserError(f"cannot read config file {path}: {error.strerror}") from None
-    try:
-        if path.endswith(".toml"):
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
-            values = tomllib.loads(text)
-        elif path.endswith((".yaml", ".yml")):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        else:
-            raise UserError(f"config file {path}: use a .toml, .yaml or .yml file")
-    except UserError:
-        raise
-    except Exception as error:
-        raise UserError(f"config file {path} does not parse: {str(error).splitlines()[0]}") from None
-    values = {key.replace("-", "_"): value for key, value in values.items()}
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(f"config file {path}: unknown keys {', '.join(unknown)}")
-    return values
-
-
-# What an exact continuation needs unchanged; a resume that changes one stops unless allowed.
-EXACTNESS_KEYS = ("model", "dataset", "fake_size", "batch_size", "seed", "epochs", "lr_schedule", "amp")
+# Every field is in exactly one class (tests/test_config.py checks it).
+# Exactness: a resume that changes one is not bit for bit the uninterrupted run; refused unless
+# --allow-config-change, and then applied (the optimizer's values too) and logged.
+EXACTNESS_FIELDS = frozenset({"model", "dataset", "fake_size", "batch_size", "seed", "epochs", "lr",
+                              "lr_schedule", "momentum", "weight_decay", "amp", "deterministic"})
+# Harmless: the trained bits do not depend on them (augmentation is seeded per sample, whichever
+# worker loads it; evaluation and saves draw no random numbers); applied on resume as given.
+# `device` is here because what matters is the device type it resolves to, which the checkpoint's
+# environment records and checks; `data_dir` may move, the data in it must not.
+HARMLESS_FIELDS = frozenset({"run_dir", "data_dir", "download", "num_workers", "save_every_steps", "keep",
+                             "resume", "device", "eval", "log_every_steps", "stop_check_every_steps",
+                             "log_level", "wandb_project", "wandb_entity", "wandb_name", "wandb_mode",
+                             "allow_config_change", "max_requeues", "sweep_file"})
+ENVIRONMENT_NAMES = {"num_threads": "thread count (torch.get_num_threads)", "device_type": "device type",
+                     "deterministic": "deterministic algorithms", "torch_version": "torch version"}
 
 
 def config_differences(saved: dict, saved_world_size: int, config: Config, world_size: int) -> list[str]:
     """'name: saved -> now' for each setting that would break an exact resume."""
     now = config.to_dict()
-    changes = [f"{key}: {saved[key]!r} -> {now[key]!r}" for key in EXACTNESS_KEYS
+    changes = [f"{key}: {saved[key]!r} -> {now[key]!r}" for key in sorted(EXACTNESS_FIELDS)
                if key in saved and saved[key] != now[key]]
     if saved_world_size != world_size:
         changes.append(f"world size: {saved_world_size} -> {world_size}")
     return changes
+
+
+def environment_differences(saved: dict, now: dict) -> list[str]:
+    """'what: saved -> now' for each recorded part of the environment that changed."""
+    return [f"{ENVIRONMENT_NAMES.get(key, key)}: {saved[key]!r} -> {now.get(key)!r}"
+            for key in ENVIRONMENT_NAMES if key in saved and saved[key] != now.get(key)]
 
 
 def default_run_dir(environ) -> str:
@@ -189,6 +180,9 @@ def sweep_overrides(path: str, environ) -> list[str]:
 
 def validate(config: Config) -> None:
     """Reject values that cannot train, before any process group exists."""
+    for name in ("lr", "momentum", "weight_decay"):
+        if not math.isfinite(getattr(config, name)):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(config, name)}")
     positive = ("epochs", "batch_size", "lr", "keep", "fake_size", "log_every_steps", "stop_check_every_steps")
     for name in positive:
         if getattr(config, name) <= 0:

@@ -16,13 +16,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_train import data, distributed, exits
-from dist_train.checkpoint import CheckpointError, prepare_run_dir, write_config_file
-from dist_train.config import Config, UserError, config_differences, parse_config
+from dist_train.checkpoint import load_checkpoint
+from dist_train.config import Config, config_differences, environment_differences, parse_config
+from dist_train.errors import RUN_ERRORS, UserError
 from dist_train.loop import build_scheduler, evaluate, train_steps
 from dist_train.models import build_model
-from dist_train.preemption import NONE, REQUEUE, TERMINATE, StopAgreement, StopFlag, requeue_slurm_job, restart_count
-from dist_train.state import (Progress, Training, apply_checkpoint, choose_resume_checkpoint,
-                              rescale_progress, restore_rng_of_rank, save_training_state, seed_everything)
+from dist_train.preemption import (INTERRUPT, NONE, TERMINATE, StopAgreement, StopFlag, requeue_slurm_job,
+                                   restart_count)
+from dist_train.rundir import prepare_run_dir, write_config_file
+from dist_train.state import (Progress, Training, apply_checkpoint, apply_optimizer_settings,
+                              capture_environment, choose_resume_checkpoint, rescale_progress,
+                              restore_rng_of_rank, save_training_state, seed_everything)
 from dist_train.tracking import ProgressReport, build_tracker, setup_logging
 
 log = logging.getLogger("dist_train.train")
@@ -63,6 +67,11 @@ def resume(config: Config, env, training: Training, ckpt_dir: Path) -> tuple[Pro
     if checkpoint is None:
         return Progress(), None
     changes = config_differences(checkpoint["config"], checkpoint["world_size"], config, env.world_size)
+    if "environment" in checkpoint:
+        changes += environment_differences(checkpoint["environment"], capture_environment(env.device))
+    else:
+        log.info("the checkpoint is of format %d: thread count, device type, determinism and torch "
+                 "version were not recorded, so not checked", checkpoint["format_version"])
     if changes and not config.allow_config_change:
         raise UserError("this run's settings differ from its checkpoint's, so the resume would not be "
                         f"exact: {'; '.join(changes)}. Relaunch with the same settings, or pass "
@@ -70,14 +79,33 @@ def resume(config: Config, env, training: Training, ckpt_dir: Path) -> tuple[Pro
     for change in changes:
         log.warning("resuming with a changed setting (--allow-config-change): %s", change)
     progress = apply_checkpoint(checkpoint, training)
+    # load_state_dict restored the saved lr, momentum and weight decay: the configured ones win.
+    apply_optimizer_settings(training, config.lr, config.momentum, config.weight_decay)
     if checkpoint["world_size"] != env.world_size:
         progress = rescale_progress(progress, checkpoint["world_size"], env.world_size)
     restore_rng_of_rank(checkpoint, env)  # last: everything above may draw random numbers
     return progress, checkpoint.get("wandb_run_id")
 
 
+def check_before_touching_disk(config: Config, is_main: bool) -> None:
+    """What can be checked without the run directory: the --resume file, the data directory."""
+    if is_main and config.resume:
+        load_checkpoint(Path(config.resume), mmap=True)  # verified; read again, onto devices, later
+    data.check_data_dir(config)
+
+
 def train(config: Config, stop_flag: StopFlag) -> int:
-    ckpt_dir = prepare_run_dir(config, is_main=distributed.discover_ranks()[0] == 0)
+    is_main = distributed.discover_ranks()[0] == 0
+    check_before_touching_disk(config, is_main)
+    ckpt_dir, lock = prepare_run_dir(config, is_main)  # the main rank holds the lock until the end
+    try:
+        return train_in_run_dir(config, stop_flag, ckpt_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path) -> int:
     env = distributed.setup(config.device, config.deterministic)
     tracker = None
     try:
@@ -121,6 +149,8 @@ def train(config: Config, stop_flag: StopFlag) -> int:
             return exits.COMPLETE
         if request == TERMINATE:
             return exits.TERMINATED
+        if request == INTERRUPT:
+            return exits.INTERRUPTED
         # REQUEUE: the main rank asks SLURM; every rank exits with what came of it.
         requeued = requeue_slurm_job(config.max_requeues) if env.is_main else None
         return exits.COMPLETE if distributed.broadcast_from_main(requeued, env) else exits.STOPPED
@@ -174,7 +204,7 @@ def main(argv: list[str] | None = None, stop_flag: StopFlag | None = None) -> in
     stop_flag = stop_flag or StopFlag().install()
     try:
         return train(parse_config(argv), stop_flag)
-    except (UserError, CheckpointError) as error:
+    except RUN_ERRORS as error:
         if distributed.discover_ranks()[0] == 0:
             print(f"error: {error}", file=sys.stderr)
-        return exits.USER_ERROR
+        return error.exit_code
