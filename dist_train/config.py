@@ -121,6 +121,61 @@ def parse_config(argv: list[str] | None = None, environ=os.environ) -> Config:
     return config
 
 
+def read_config_file(path: str) -> dict:
+    """Flag values from a TOML (.toml) or YAML (.yaml/.yml) file; unknown keys are an error."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise UserError(f"cannot read config file {path}: {error.strerror}") from None
+    try:
+        if path.endswith(".toml"):
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            values = tomllib.loads(text)
+        elif path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            raise UserError(f"config file {path}: use a .toml, .yaml or .yml file")
+    except UserError:
+        raise
+    except Exception as error:
+        raise UserError(f"config file {path} does not parse: {str(error).splitlines()[0]}") from None
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"config file {path}: unknown keys {', '.join(unknown)}")
+    return values
+
+
+def config_file_argv(values: dict, path: str) -> list[str]:
+    """A config file's values as the flags that would set them, for the same parser to check."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    argv = []
+    for key, value in values.items():
+        flag, default = "--" + key.replace("_", "-"), defaults[key]
+        if isinstance(value, (list, dict)):
+            raise UserError(f"config file {path}: {key} must be a single value, not a {type(value).__name__}")
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise UserError(f"config file {path}: {key} must be true or false, got {value!r}")
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif value is None:
+            if default is not None:
+                raise UserError(f"config file {path}: {key} needs a value")
+        elif isinstance(value, bool):  # YAML reads unquoted off/on/yes/no as booleans
+            kind = "str" if default is None else type(default).__name__
+            raise UserError(f"config file {path}: {key} must be a {kind}, got {value!r} "
+                            "(in YAML, quote words like off, on, yes, no)")
+        else:
+            argv += [flag, str(value)]  # str() of a float round-trips exactly
+    return argv
+
+
 # Every field is in exactly one class (tests/test_config.py checks it).
 # Exactness: a resume that changes one is not bit for bit the uninterrupted run; refused unless
 # --allow-config-change, and then applied (the optimizer's values too) and logged.
