@@ -88,10 +88,38 @@ def save_checkpoint(checkpoint: dict, ckpt_dir: Path, keep: int) -> Path:
     path = checkpoint_path(ckpt_dir, checkpoint["global_step"])
     if path.exists() and _is_newer_format(path):
         raise NewerFormatError(f"{path}: written by a newer dist_train; not overwriting it")
-    write_atomically(path, lambda f: torch.save(checkpoint, f))
+    write_atomically(path, lambda f: _torch_save(checkpoint, f))
     write_atomically(ckpt_dir / LATEST, lambda f: f.write(path.name.encode() + b"\n"))
     prune_checkpoints(ckpt_dir, keep, protect=path)
     return path
+
+
+class _WriteErrors:
+    """A file wrapper that remembers the OSError of a failed write: torch.save reports a full disk
+    as a RuntimeError about zip positions, and the cause (ENOSPC, EFBIG, EIO) is what to tell."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _torch_save(checkpoint: dict, file) -> None:
+    writer = _WriteErrors(file)
+    try:
+        torch.save(checkpoint, writer)
+    except Exception:
+        if writer.error is not None:
+            raise writer.error from None
+        raise
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:

@@ -157,7 +157,7 @@ def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress:
     nonfinite = 0.0 if weights_are_finite(unwrap(training.model)) else 1.0
     loss_sum, nonfinite = all_reduce_sum([last_loss, nonfinite], env)
     if nonfinite or not math.isfinite(loss_sum):
-        what = "the weights" if nonfinite else f"the loss ({loss_sum / env.world_size})"
+        what = f"the loss ({loss_sum / env.world_size})" if not math.isfinite(loss_sum) else "the weights"
         raise DivergedError(f"training diverged: {what} became non-finite by step {progress.global_step} "
                             f"(epoch {progress.epoch}); nothing was saved from that step on, the older "
                             "checkpoints are kept. Lower --lr, or resume with other settings")
