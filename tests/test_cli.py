@@ -23,7 +23,8 @@ def run_cli(args, capsys) -> tuple[int, str, str]:
 
 
 def snapshot(run_dir) -> dict:
-    return {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    """Every file's bytes, but the lock's: a launch that gets as far as locking writes its PID there."""
+    return {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
 
 
 def test_inspect_a_run_directory_and_json(reference_ws1, capsys):
@@ -32,7 +33,7 @@ def test_inspect_a_run_directory_and_json(reference_ws1, capsys):
     assert "step_000000048.pt" in out and "validates: ok" in out and "num_parameters: 62006" in out
     code, out, _ = run_cli(["inspect", str(reference_ws1 / "checkpoints" / "step_000000040.pt"), "--json"], capsys)
     info = json.loads(out)
-    assert (info["format_version"], info["global_step"], info["world_size"], info["epoch"]) == (1, 40, 1, 1)
+    assert (info["format_version"], info["global_step"], info["world_size"], info["epoch"]) == (2, 40, 1, 1)
     assert info["loads"] is True and info["config"]["batch_size"] == 16 and info["size_bytes"] > 0
 
 
