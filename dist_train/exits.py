@@ -7,12 +7,14 @@ run were restarted unchanged; the others are interruptions that a relaunch resum
 
 COMPLETE = 0  # training complete (or already complete), or the SLURM job was requeued
 CRASH = 1  # an unexpected exception (a traceback); restarting may help
-USER_ERROR = 2  # a bad flag, config file, checkpoint or run directory: fix it, then relaunch
+USER_ERROR = 2  # a bad flag, config file, checkpoint or run directory (or one in use by another
+#                run, or not lockable): fix it, then relaunch
 DIVERGED = 3  # the loss became non-finite; nothing was saved from that step on
 SAVE_FAILED = 4  # a checkpoint could not be written (disk full, read-only or vanished run dir)
 STOPPED = 75  # saved and stopped early without a requeue (USR1 outside SLURM, requeue refused
 #               or failed): relaunch the same command to resume (75 = EX_TEMPFAIL)
-INTERRUPTED = 130  # SIGINT (Ctrl-C): saved, then stopped (128 + 2, the shell's convention)
+INTERRUPTED = 130  # SIGINT (Ctrl-C): saved, then stopped (128 + 2, the shell's convention); a second
+#                   SIGINT exits with it at once, without saving
 TERMINATED = 143  # SIGTERM (preemption, scancel, torchrun's shutdown): saved, then stopped (128 + 15)
 
 PERMANENT = frozenset({USER_ERROR, DIVERGED, SAVE_FAILED})  # a restart would fail the same way
