@@ -162,7 +162,8 @@ def verify_digest(path: Path) -> None:
                     while entry.read(_CHUNK):
                         pass
         except bad as error:
-            raise CheckpointError(f"{path}: broken file, digest check failed ({_first_line(error)})") from None
+            raise CheckpointError(f"{path}: broken file, digest check failed "
+                                  f"({_first_line(error)})") from None
         except OSError as error:
             raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
 

@@ -2,9 +2,9 @@
 
 SIGUSR1 (what `#SBATCH --signal=USR1@SECONDS` sends before the time limit) asks for save and
 requeue; SIGTERM (preemption, scancel, torchrun's shutdown) and SIGINT (Ctrl-C; a second one exits
-at once) ask for save and exit. The handler only records the request: no I/O, no collectives. SLURM signals every process of a job step, DataLoader
-workers included, and a forked worker inherits the handler, so it acts only in the process that
-installed it.
+at once) ask for save and exit. The handler only records the request: no I/O, no collectives.
+SLURM signals every process of a job step, DataLoader workers included, and a forked worker
+inherits the handler, so it acts only in the process that installed it.
 """
 
 from __future__ import annotations
