@@ -143,7 +143,9 @@ def _few(keys: list[str], limit: int = 5) -> str:
 
 
 def weights_are_finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
+    """One reduction and one device sync for the whole model (a save syncs anyway)."""
+    checks = [torch.isfinite(p).all() for p in model.parameters() if p.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress: Progress,

@@ -153,3 +153,20 @@ def test_inspect_and_evaluate_refuse_a_file_that_is_not_a_checkpoint(tmp_path, c
     for command in (["inspect"], ["evaluate"], ["export", "--out", str(tmp_path / "w.pt")]):
         code, _, err = run_cli([*command, str(tmp_path / "notes.txt")], capsys)
         assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_every_command_verifies_the_digest(tmp_path, capsys):
+    from test_checkpoint import entry_offsets, flip_byte, trained_checkpoint
+
+    from dist_train.checkpoint import save_checkpoint
+
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    path = save_checkpoint(trained_checkpoint(5), ckpt_dir, keep=3)
+    flip_byte(path, entry_offsets(path, "data/0")[10])
+    for command in (["inspect", str(path)], ["evaluate", str(path), "--dataset", "fake"],
+                    ["export", str(path), "--out", str(tmp_path / "w.pt")]):
+        code, _, err = run_cli(command, capsys)
+        assert code == 2 and "digest check failed" in err and len(err.strip().splitlines()) == 1, err
+    code, out, _ = run_cli(["list", str(tmp_path / "run")], capsys)
+    assert code == 0 and "BROKEN" in out and "digest check failed" in out
