@@ -110,3 +110,16 @@ def test_a_resume_with_another_thread_count_is_refused(tmp_path):
     refused = run(args, check=False, env_extra={"OMP_NUM_THREADS": "2"})
     assert refused.returncode == exits.USER_ERROR, refused.stdout[-2000:]
     assert "thread count (torch.get_num_threads): 1 -> 2" in refused.stdout
+
+
+def test_environment_differences_name_each_change():
+    from dist_train.config import environment_differences
+    from dist_train.state import capture_environment
+
+    now = capture_environment(torch.device("cpu"))
+    saved = now | {"device_type": "cuda", "torch_version": "2.13.0", "deterministic": not now["deterministic"]}
+    assert environment_differences(saved, now) == [
+        "device type: 'cuda' -> 'cpu'",
+        f"deterministic algorithms: {saved['deterministic']!r} -> {now['deterministic']!r}",
+        f"torch version: '2.13.0' -> {now['torch_version']!r}"]
+    assert environment_differences(now, now) == []
