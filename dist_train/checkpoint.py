@@ -1,4 +1,4 @@
-"""The on-disk format: atomic writes, the `latest` marker, finding the newest valid file, pruning.
+"""The on-disk format: atomic writes, digests, the `latest` marker, finding the newest valid file, pruning.
 
 This module decides how a checkpoint is written and read; the training script decides when.
 A checkpoint is a dict of tensors and plain values that loads with `torch.load(weights_only=True)`.
@@ -6,27 +6,45 @@ A checkpoint is a dict of tensors and plain values that loads with `torch.load(w
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
+import secrets
+import stat
+import zipfile
 from pathlib import Path
 
 import torch
 
-from dist_train.config import CheckpointError, UserError
+from dist_train.errors import CheckpointError, NewerFormatError, UserError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: every file's zip entries carry CRC32s that are verified on every load, and `environment`
+# records what exactness depends on beyond the configuration. 1: the same keys without `environment`.
+FORMAT_VERSION = 2
 RECIPE_KEYS = ("model_state_dict", "optimizer_state_dict", "epoch", "loss")
 REQUIRED_KEYS = RECIPE_KEYS + ("format_version", "global_step", "next_epoch", "next_batch", "world_size")
 LATEST = "latest"
 _NAME = re.compile(r"^step_(\d+)\.pt$")
+_CHUNK = 1 << 24
 
 
 def checkpoint_path(ckpt_dir: Path, global_step: int) -> Path:
     return Path(ckpt_dir) / f"step_{global_step:09d}.pt"
+
+
+def step_in_name(path: Path) -> int | None:
+    match = _NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def is_regular_file(path: Path) -> bool:
+    """A regular file (after symlinks); a FIFO, socket or directory is never opened."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -38,66 +56,158 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def temp_path(path: Path) -> Path:
+    """A temp name beside `path` that no other writer uses (pid and random), hidden, ending in .tmp."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def write_atomically(path: Path, write) -> None:
-    """write(file) into a temp file beside `path`, fsync it, rename over `path`, fsync the dir."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """write(file) into a temp file beside `path`, fsync it, rename over `path`, fsync the dir.
+
+    On any failure (a full disk, a vanished directory) the temp file is removed: a failed save
+    leaves nothing behind and replaces nothing."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
 def save_checkpoint(checkpoint: dict, ckpt_dir: Path, keep: int) -> Path:
-    """Write atomically, then move the `latest` marker to it, then prune to the newest `keep`."""
+    """Write atomically, then move the `latest` marker to it, then prune to the newest `keep`.
+
+    The directory must exist (prepare_run_dir makes it): a run directory that vanished mid-run
+    is an error, not something to quietly recreate."""
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(ckpt_dir, checkpoint["global_step"])
-    write_atomically(path, lambda f: torch.save(checkpoint, f))
+    if path.exists() and _is_newer_format(path):
+        raise NewerFormatError(f"{path}: written by a newer dist_train; not overwriting it")
+    write_atomically(path, lambda f: _torch_save(checkpoint, f))
     write_atomically(ckpt_dir / LATEST, lambda f: f.write(path.name.encode() + b"\n"))
     prune_checkpoints(ckpt_dir, keep, protect=path)
     return path
 
 
+class _WriteErrors:
+    """A file wrapper that remembers the OSError of a failed write: torch.save reports a full disk
+    as a RuntimeError about zip positions, and the cause (ENOSPC, EFBIG, EIO) is what to tell."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _torch_save(checkpoint: dict, file) -> None:
+    writer = _WriteErrors(file)
+    try:
+        torch.save(checkpoint, writer)
+    except Exception:
+        if writer.error is not None:
+            raise writer.error from None
+        raise
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoint files (temp files excluded), newest (highest step) first."""
+    """Regular files named step_<N>.pt, newest (highest step) first; temp files, FIFOs and
+    directories with such names are not candidates."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
+    found = [(step, p) for p in ckpt_dir.iterdir() if (step := step_in_name(p)) is not None]
+    return [p for _, p in sorted(found, reverse=True) if is_regular_file(p)]
 
 
 def read_latest_marker(ckpt_dir: Path) -> Path | None:
     marker = Path(ckpt_dir) / LATEST
+    if not is_regular_file(marker):
+        return None
     try:
         name = marker.read_text().strip()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
     return Path(ckpt_dir) / name if _NAME.match(name) else None
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """torch.load with weights_only=True, then a check that it is a checkpoint this code can read."""
+def verify_digest(path: Path) -> None:
+    """Check the CRC32 of every entry of the file's zip archive (torch.load never does).
+
+    torch.save writes a CRC32 per entry (data.pkl, each tensor's bytes); any flipped byte inside
+    an entry, a truncation or a damaged directory fails here. Reads the whole file once."""
+    bad = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError)
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
+        archive = zipfile.ZipFile(path)
+    except bad as error:  # no readable zip directory: truncated, or not a torch.save file at all
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({_first_line(error)})") from None
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
+    with archive:
+        try:
+            for info in archive.infolist():
+                with archive.open(info) as entry:
+                    while entry.read(_CHUNK):
+                        pass
+        except bad as error:
+            raise CheckpointError(f"{path}: broken file, digest check failed "
+                                  f"({_first_line(error)})") from None
+        except OSError as error:
+            raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def load_checkpoint(path: Path, map_location="cpu", mmap: bool = False) -> dict:
+    """Verify the digest, torch.load with weights_only=True, then check that it is a checkpoint
+    this code can read. mmap=True reads the metadata without copying the tensors in."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if not is_regular_file(path):
+        raise CheckpointError(f"{path}: not a regular file")
+    verify_digest(path)
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many types for truncated or foreign files
         raise CheckpointError(f"{path}: not a loadable checkpoint ({_reason(error)})") from None
+    check_contents(path, checkpoint)
+    return checkpoint
+
+
+def check_contents(path: Path, checkpoint) -> None:
+    """A dist_train checkpoint of a format this code reads, whose step agrees with its name."""
     if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
         raise CheckpointError(f"{path}: not a dist_train checkpoint (no model_state_dict)")
     version = checkpoint.get("format_version")
     if not isinstance(version, int):
         raise CheckpointError(f"{path}: no format_version; not a dist_train checkpoint")
     if version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {version} is newer than this code reads "
-                              f"({FORMAT_VERSION}); update dist_train")
+        raise NewerFormatError(f"{path}: format version {version} is newer than this code reads "
+                               f"({FORMAT_VERSION}); update dist_train")
     missing = [k for k in REQUIRED_KEYS if k not in checkpoint]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
-    return checkpoint
+    step = step_in_name(path)
+    if step is not None and step != checkpoint["global_step"]:
+        # Resuming from it would retrain from the wrong step, and a requeue chain would loop.
+        raise CheckpointError(f"{path}: broken file, its name says step {step} but it holds "
+                              f"step {checkpoint['global_step']}")
 
 
 def _reason(error: Exception) -> str:
@@ -113,7 +223,8 @@ def find_latest_valid(ckpt_dir: Path, map_location="cpu") -> tuple[Path, dict] |
     """The newest checkpoint that loads, skipping (and reporting) broken ones; None if there are none.
 
     Raises CheckpointError when checkpoint files exist but none of them loads: a silent fresh
-    start over existing checkpoints would throw the run away.
+    start over existing checkpoints would throw the run away. A file of a newer format stops
+    the search (NewerFormatError): resuming from an older file would later overwrite it.
     """
     candidates = list_checkpoints(ckpt_dir)
     marker = read_latest_marker(ckpt_dir)
@@ -124,12 +235,32 @@ def find_latest_valid(ckpt_dir: Path, map_location="cpu") -> tuple[Path, dict] |
     for path in candidates:
         try:
             return path, load_checkpoint(path, map_location)
+        except NewerFormatError:
+            raise
         except CheckpointError as error:
             log.warning("skipping checkpoint: %s", error)
             errors.append(str(error))
     if errors:
         raise CheckpointError(f"no checkpoint in {ckpt_dir} loads: " + "; ".join(errors))
     return None
+
+
+def _is_newer_format(path: Path) -> bool:
+    try:
+        load_checkpoint(path, mmap=True)
+    except NewerFormatError:
+        return True
+    except CheckpointError:
+        return False
+    return False
+
+
+def _is_good(path: Path) -> bool:
+    try:
+        load_checkpoint(path, mmap=True)
+        return True
+    except CheckpointError:
+        return False
 
 
 def resolve_checkpoint(target: str, map_location="cpu") -> tuple[Path, dict]:
@@ -145,37 +276,27 @@ def resolve_checkpoint(target: str, map_location="cpu") -> tuple[Path, dict]:
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int, protect: Path) -> list[Path]:
-    """Delete all but the newest `keep` checkpoints; `protect` (the one just written) always stays."""
-    removed = []
-    for path in list_checkpoints(ckpt_dir)[keep:]:
-        if path != protect:
+    """Delete all checkpoints older than the newest `keep` good ones.
+
+    Only files that verify count toward `keep` (a broken file never takes a slot); `protect`
+    (the one just written) always stays; a file of a newer format is never deleted. Every file
+    this code writes holds finite weights (see state.check_finite), so the newest finite one stays.
+    """
+    removed, good = [], 0
+    for path in list_checkpoints(ckpt_dir):  # newest first
+        if good < keep:
+            if path == protect or _is_good(path):
+                good += 1
+            continue
+        if path != protect and not _is_newer_format(path):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
 
 
-def remove_stale_temp_files(ckpt_dir: Path) -> None:
-    """Temp files left by a save that was killed midway are never loaded; clear them away."""
-    for tmp in Path(ckpt_dir).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-
-
-def prepare_run_dir(config, is_main: bool) -> Path:
-    """RUN_DIR/checkpoints, created and checked writable by the main rank before any process group."""
-    ckpt_dir = Path(config.run_dir) / "checkpoints"
-    if is_main:
-        try:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            probe = ckpt_dir / f".write-test-{os.getpid()}.tmp"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            raise UserError(f"run directory {config.run_dir} is not writable: {error.strerror}") from None
-        remove_stale_temp_files(ckpt_dir)
-    return ckpt_dir
-
-
-def write_config_file(config) -> None:
-    """The effective configuration, as RUN_DIR/config.json."""
-    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-    write_atomically(Path(config.run_dir) / "config.json", lambda f: f.write(text.encode()))
+def remove_stale_temp_files(directory: Path) -> None:
+    """Temp files left by a save that was killed midway are never loaded; clear them away.
+    Call only while holding the run directory's lock: another writer's temp file may be live."""
+    for tmp in Path(directory).glob(".*.tmp"):
+        if not tmp.is_dir():
+            tmp.unlink(missing_ok=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dist_train import __version__
 from dist_train.config import CheckpointError, OneLineErrorParser, UserError
-from dist_train.preemption import StopFlag
+from dist_train.preemption import StopFlag, die_with_launcher
 
 # torch is imported below the signal flag: `dist-train train` installs the flag first, as
 # launch/train.py does, so that a signal during the seconds of `import torch` is kept.
@@ -23,6 +23,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 
 def run_training(argv: list[str]) -> int:
     stop_flag = StopFlag().install()
+    die_with_launcher()
     from dist_train.train import main
 
     return main(argv, stop_flag)

@@ -5,20 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import math
 import os
 import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class UserError(ValueError):
-    """A mistake the user can fix; reported as one line and a non-zero exit, never a traceback."""
-
-
-class CheckpointError(Exception):
-    """A file that is not a loadable checkpoint of this format (defined here, torch-free, so that
-    the dist-train command can catch it before importing torch)."""
+from dist_train.errors import CheckpointError, UserError  # noqa: F401  (re-exported)
 
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -72,8 +66,10 @@ class Config:
     wandb_mode: str = _opt("online", "wandb mode", choices=WANDB_MODES, env="WANDB_MODE")
     wandb_dir: str | None = _opt(None, "wandb writes its files under WANDB_DIR/wandb/; unset: the run directory",
                                  type=str, env="WANDB_DIR")
-    allow_config_change: bool = _opt(False, "resume even if the model, data, batch size, seed, epochs or "
-                                            "world size differ from the checkpoint's (no longer exact)")
+    allow_config_change: bool = _opt(False, "resume even if a setting exactness depends on (model, data, batch "
+                                            "size, seed, epochs, lr, momentum, weight decay, world size, "
+                                            "threads, device, torch version) differs from the checkpoint's; "
+                                            "the new values are used (no longer exact)")
     max_requeues: int = _opt(20, "SIGUSR1 requeues the SLURM job at most this many times")
     hang_timeout: float = _opt(60.0, "a rank silent or stuck in one phase (a step, a save, a batch) this "
                                      "many seconds ends the run for a restart (0: off); above the "
@@ -138,12 +134,19 @@ def with_environment(values: dict, environ) -> dict:
 
 
 def parse_config(argv: list[str] | None = None, environ=os.environ) -> Config:
-    """Flags (plus the sweep line of this array task) -> a validated Config; UserError on bad values."""
+    """Flags (over a config file's values, under the sweep line of this array task) -> a validated
+    Config; UserError on bad values. File values are turned into flags, so they meet the same
+    types, choices and checks as the command line."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config:
-        parser.set_defaults(**read_config_file(args.config))
+        file_argv = config_file_argv(read_config_file(args.config), args.config)
+        try:
+            parser.parse_args(file_argv)
+        except UserError as error:
+            raise UserError(f"config file {args.config}: {error}") from None
+        argv = file_argv + argv  # later flags win: the command line overrides the file
         args = parser.parse_args(argv)
     if args.sweep_file:
         args = parser.parse_args(argv + sweep_overrides(args.sweep_file, environ))
@@ -187,19 +190,63 @@ def read_config_file(path: str) -> dict:
     return values
 
 
-# What an exact continuation needs unchanged; a resume that changes one stops unless allowed.
-# Not data_path: both paths yield the same batches to the bit, so a resume may switch paths.
-EXACTNESS_KEYS = ("model", "dataset", "fake_size", "batch_size", "seed", "epochs", "lr_schedule", "amp")
+def config_file_argv(values: dict, path: str) -> list[str]:
+    """A config file's values as the flags that would set them, for the same parser to check."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    argv = []
+    for key, value in values.items():
+        flag, default = "--" + key.replace("_", "-"), defaults[key]
+        if isinstance(value, (list, dict)):
+            raise UserError(f"config file {path}: {key} must be a single value, not a {type(value).__name__}")
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise UserError(f"config file {path}: {key} must be true or false, got {value!r}")
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif value is None:
+            if default is not None:
+                raise UserError(f"config file {path}: {key} needs a value")
+        elif isinstance(value, bool):  # YAML reads unquoted off/on/yes/no as booleans
+            kind = "str" if default is None else type(default).__name__
+            raise UserError(f"config file {path}: {key} must be a {kind}, got {value!r} "
+                            "(in YAML, quote words like off, on, yes, no)")
+        else:
+            argv += [flag, str(value)]  # str() of a float round-trips exactly
+    return argv
+
+
+# Every field is in exactly one class (tests/test_config.py checks it).
+# Exactness: a resume that changes one is not bit for bit the uninterrupted run; refused unless
+# --allow-config-change, and then applied (the optimizer's values too) and logged.
+EXACTNESS_FIELDS = frozenset({"model", "dataset", "fake_size", "batch_size", "seed", "epochs", "lr",
+                              "lr_schedule", "momentum", "weight_decay", "amp", "deterministic"})
+# Harmless: the trained bits do not depend on them (augmentation is seeded per sample, whichever
+# worker loads it; evaluation and saves draw no random numbers; both data paths yield the same
+# batches to the bit, so a resume may switch paths); applied on resume as given.
+# `device` is here because what matters is the device type it resolves to, which the checkpoint's
+# environment records and checks; `data_dir` may move, the data in it must not.
+HARMLESS_FIELDS = frozenset({"run_dir", "data_dir", "download", "num_workers", "save_every_steps", "keep",
+                             "resume", "device", "eval", "log_every_steps", "stop_check_every_steps",
+                             "log_level", "wandb_project", "wandb_entity", "wandb_name", "wandb_mode",
+                             "allow_config_change", "max_requeues", "sweep_file", "data_path", "wandb_dir",
+                             "hang_timeout", "max_failures"})
+ENVIRONMENT_NAMES = {"num_threads": "thread count (torch.get_num_threads)", "device_type": "device type",
+                     "deterministic": "deterministic algorithms", "torch_version": "torch version"}
 
 
 def config_differences(saved: dict, saved_world_size: int, config: Config, world_size: int) -> list[str]:
     """'name: saved -> now' for each setting that would break an exact resume."""
     now = config.to_dict()
-    changes = [f"{key}: {saved[key]!r} -> {now[key]!r}" for key in EXACTNESS_KEYS
+    changes = [f"{key}: {saved[key]!r} -> {now[key]!r}" for key in sorted(EXACTNESS_FIELDS)
                if key in saved and saved[key] != now[key]]
     if saved_world_size != world_size:
         changes.append(f"world size: {saved_world_size} -> {world_size}")
     return changes
+
+
+def environment_differences(saved: dict, now: dict) -> list[str]:
+    """'what: saved -> now' for each recorded part of the environment that changed."""
+    return [f"{ENVIRONMENT_NAMES.get(key, key)}: {saved[key]!r} -> {now.get(key)!r}"
+            for key in ENVIRONMENT_NAMES if key in saved and saved[key] != now.get(key)]
 
 
 def default_run_dir(environ) -> str:
@@ -228,6 +275,9 @@ def sweep_overrides(path: str, environ) -> list[str]:
 
 def validate(config: Config) -> None:
     """Reject values that cannot train, before any process group exists."""
+    for name in ("lr", "momentum", "weight_decay", "hang_timeout"):
+        if not math.isfinite(getattr(config, name)):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(config, name)}")
     positive = ("epochs", "batch_size", "lr", "keep", "fake_size", "log_every_steps", "stop_check_every_steps")
     for name in positive:
         if getattr(config, name) <= 0:

@@ -107,9 +107,21 @@ def _cifar10(config: Config, train: bool):
     try:
         return CIFAR10(config.data_dir, train=train, download=False)
     except RuntimeError as error:
-        raise UserError(f"CIFAR-10 not found or corrupted under {Path(config.data_dir).resolve()} "
-                        f"(expected cifar-10-batches-py/ there): pass --download on a machine with "
-                        f"network, point --data-dir at it, or use --dataset fake") from error
+        raise _missing_cifar10(config) from error
+
+
+def _missing_cifar10(config: Config) -> UserError:
+    return UserError(f"CIFAR-10 not found or corrupted under {Path(config.data_dir).resolve()} "
+                     f"(expected cifar-10-batches-py/ there): pass --download on a machine with "
+                     f"network, point --data-dir at it, or use --dataset fake")
+
+
+def check_data_dir(config: Config) -> None:
+    """A missing CIFAR-10 directory, found before the run directory is created (the full check,
+    which reads the files, comes when the dataset is built)."""
+    if config.dataset == "cifar10" and not config.download \
+            and not (Path(config.data_dir) / "cifar-10-batches-py").is_dir():
+        raise _missing_cifar10(config)
 
 
 def build_datasets(config: Config, env: DistEnv) -> tuple[Dataset, Dataset]:
@@ -194,8 +206,8 @@ def build_eval_loader(dataset: Dataset, config: Config, env: DistEnv) -> DataLoa
 
 
 def ignore_signals_in_worker(_worker_id: int) -> None:
-    """DataLoader workers ignore SIGUSR1/SIGTERM: the rank's main process alone acts on them."""
+    """DataLoader workers ignore SIGUSR1/SIGTERM/SIGINT: the rank's main process alone acts on them."""
     import signal
 
-    for signum in (signal.SIGUSR1, signal.SIGTERM):
+    for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):  # Ctrl-C reaches the whole group
         signal.signal(signum, signal.SIG_IGN)

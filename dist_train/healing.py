@@ -119,8 +119,14 @@ class SurvivorSave:
         except Exception as error:  # the store lives in a dead process (rank 0 under srun)
             log.error("not saving after the fault: the rendezvous store does not answer (%s)", error)
             return
-        if first:
+        if not first:
+            return
+        try:
             path = self.save()
+        except Exception as error:  # a full disk, say: the restart falls back to the periodic checkpoint
+            log.error("could not save after the fault: %s", error)
+            return
+        if path:
             log.warning("saved checkpoint %s of the last finished step after the fault", path)
 
     def end_process(self, why: str) -> None:

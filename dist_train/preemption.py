@@ -1,19 +1,23 @@
-"""Signals -> a flag; ranks agree on when to stop; requeue through scontrol.
+"""Signals -> a flag; ranks agree on when to stop; requeue through scontrol; ranks die with torchrun.
 
 SIGUSR1 (what `#SBATCH --signal=USR1@SECONDS` sends before the time limit) asks for save and
-requeue; SIGTERM (preemption, scancel, torchrun's shutdown) asks for save and exit. The handler only
-records the request: no I/O, no collectives. SLURM signals every process of a job step, DataLoader
-workers included, and a forked worker inherits the handler, so it acts only in the process that
-installed it.
+requeue; SIGTERM (preemption, scancel, torchrun's shutdown) and SIGINT (Ctrl-C; a second one exits
+at once) ask for save and exit. The handler only records the request: no I/O, no collectives.
+SLURM signals every process of a job step, DataLoader workers included, and a forked worker
+inherits the handler, so it acts only in the process that installed it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import subprocess
+import sys
 from typing import TYPE_CHECKING
+
+from dist_train import exits
 
 if TYPE_CHECKING:
     from dist_train.distributed import DistEnv
@@ -23,8 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NONE, TERMINATE, REQUEUE = 0, 1, 2  # ordered: the strongest request on any rank wins
-SIGNAL_REQUESTS = {signal.SIGTERM: TERMINATE, signal.SIGUSR1: REQUEUE}
+NONE, TERMINATE, INTERRUPT, REQUEUE = 0, 1, 2, 3  # ordered: the strongest request on any rank wins
+SIGNAL_REQUESTS = {signal.SIGTERM: TERMINATE, signal.SIGINT: INTERRUPT, signal.SIGUSR1: REQUEUE}
 
 
 class StopFlag:
@@ -34,6 +38,7 @@ class StopFlag:
         self.request = NONE
         self.signal_name = None
         self._pid = os.getpid()
+        self._interrupted = False
 
     def install(self) -> "StopFlag":
         for signum in SIGNAL_REQUESTS:
@@ -42,13 +47,18 @@ class StopFlag:
 
     def ignore_from_now_on(self) -> None:
         """After the last save a signal has nothing left to save: ignore it rather than die of it
-        (USR1's default action) and turn a finished job into a failed one."""
-        for signum in SIGNAL_REQUESTS:
+        (USR1's default action) and turn a finished job into a failed one. SIGINT keeps its
+        handler: a second Ctrl-C still exits at once."""
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, signal.SIG_IGN)
 
     def _handle(self, signum, _frame) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: the main process acts
             return
+        if signum == signal.SIGINT:
+            if self._interrupted:  # the user means it: no save, no teardown
+                os._exit(exits.INTERRUPTED)
+            self._interrupted = True
         if SIGNAL_REQUESTS[signum] > self.request:
             self.request = SIGNAL_REQUESTS[signum]
             self.signal_name = signal.Signals(signum).name
@@ -69,9 +79,14 @@ class StopAgreement:
         self._group = dist.new_group(backend="gloo") if env.distributed else None
         self._pending = None  # (work, tensor) of the all-reduce in flight
         self._boundaries = 0
+        self._launcher = os.getppid() if launched_by_torchrun() else None
 
     def poll(self, local_request: int) -> int:
         """Called at each step boundary on every rank; returns the request all ranks agree on."""
+        if self._launcher is not None and os.getppid() != self._launcher:
+            # The torchrun agent is gone (where PR_SET_PDEATHSIG is missing): save and stop.
+            log.warning("the torchrun agent (PID %d) is gone: stopping", self._launcher)
+            self._launcher, local_request = None, max(local_request, TERMINATE)
         if not self.env.distributed:
             return local_request
         import torch
@@ -95,6 +110,30 @@ class StopAgreement:
         if self._pending is not None:
             self._pending[0].wait()
             self._pending = None
+
+
+def launched_by_torchrun(environ=os.environ) -> bool:
+    """torchrun (its elastic agent) sets TORCHELASTIC_RUN_ID for its workers; srun and a shell do not."""
+    return "TORCHELASTIC_RUN_ID" in environ
+
+
+def die_with_launcher(environ=os.environ) -> None:
+    """Under torchrun, have the kernel SIGKILL this rank when its agent dies.
+
+    torchrun starts each rank in a session of its own, so a `kill -9` of the agent leaves the
+    ranks (and their loader workers) training, saving and racing the relaunch. SIGKILL, not
+    SIGTERM: a save would need collectives with ranks that may be gone; the atomic writes make
+    dying at any instant safe. Only under torchrun: under srun or a shell the parent is not a
+    launcher whose death means the run is over. Linux only; elsewhere StopAgreement's parent check
+    stops the rank at the next agreement."""
+    if not launched_by_torchrun(environ) or not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # the parent check at the stop agreement remains
+    if os.getppid() == 1:  # the agent died before the prctl took effect
+        os._exit(exits.TERMINATED)
 
 
 def restart_count() -> int:

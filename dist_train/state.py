@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_train.checkpoint import CheckpointError, FORMAT_VERSION, find_latest_valid, load_checkpoint, save_checkpoint
-from dist_train.config import UserError
-from dist_train.distributed import DistEnv, all_reduce_sum, barrier, broadcast_from_main, gather_to_main
+from dist_train.checkpoint import (CheckpointError, FORMAT_VERSION, checkpoint_path, find_latest_valid,
+                                   load_checkpoint, save_checkpoint)
+from dist_train.errors import DivergedError, SaveFailedError, UserError
+from dist_train.distributed import DistEnv, all_reduce_sum, broadcast_from_main, gather_to_main
 from dist_train.models import strip_wrapper_prefixes, unwrap
 
 log = logging.getLogger(__name__)
@@ -116,8 +118,17 @@ def to_cpu(tree):
     return tree
 
 
+def capture_environment(device: torch.device) -> dict:
+    """What a bit-exact resume needs beyond the configuration: CPU kernels give other bits with
+    another thread count, and kernels differ between devices, determinism modes and torch versions."""
+    return {"num_threads": torch.get_num_threads(), "device_type": device.type,
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "torch_version": str(torch.__version__)}
+
+
 def build_checkpoint(training: Training, progress: Progress, loss: float, rng_states: list[dict],
-                     config: dict, world_size: int, wandb_run_id: str | None = None) -> dict:
+                     config: dict, world_size: int, wandb_run_id: str | None = None,
+                     environment: dict | None = None) -> dict:
     """The general checkpoint of the recipe, plus everything an exact continuation needs."""
     scaler = training.scaler
     return {
@@ -138,6 +149,7 @@ def build_checkpoint(training: Training, progress: Progress, loss: float, rng_st
         "config": config,
         "torch_version": str(torch.__version__),  # TorchVersion is not a plain str
         "wandb_run_id": wandb_run_id,
+        "environment": environment or capture_environment(torch.device("cpu")),
     }
 
 
@@ -163,23 +175,86 @@ def apply_checkpoint(checkpoint: dict, training: Training) -> Progress:
                     checkpoint["global_step"])
 
 
+def apply_optimizer_settings(training: Training, lr: float, momentum: float, weight_decay: float) -> None:
+    """Make the optimizer use these values after load_state_dict restored the saved ones (a resume
+    with --allow-config-change): the peak LR goes to the scheduler's base_lrs, and the current LR
+    is the new peak times the schedule's factor at this step."""
+    scheduler = training.scheduler
+    for i, group in enumerate(training.optimizer.param_groups):
+        if group.get("initial_lr", group["lr"]) != lr:
+            factor = scheduler.lr_lambdas[i](scheduler.last_epoch)
+            group["initial_lr"], group["lr"] = lr, lr * factor
+            scheduler.base_lrs[i] = lr
+        group["momentum"], group["weight_decay"] = momentum, weight_decay
+    scheduler._last_lr = [group["lr"] for group in training.optimizer.param_groups]
+
+
 def _few(keys: list[str], limit: int = 5) -> str:
     shown = ", ".join(keys[:limit]) or "none"
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def weights_are_finite(model: torch.nn.Module) -> bool:
+    """One reduction and one device sync for the whole model (a save syncs anyway)."""
+    checks = [torch.isfinite(p).all() for p in model.parameters() if p.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
 def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress: Progress,
                         last_loss: float, config: dict, env: DistEnv, wandb_run_id: str | None = None) -> Path | None:
-    """Collective: every rank sends its RNG state, the main rank alone writes. Returns the path on the main rank."""
+    """Collective: every rank sends its RNG state, the main rank alone writes. Returns the path on the main rank.
+
+    Nothing is written when the loss or the weights are not finite (DivergedError on every rank):
+    a diverged checkpoint would push the last good ones out. A failed write (disk full, vanished
+    directory) raises SaveFailedError on every rank, older checkpoints untouched."""
+    # One all-reduce both averages the loss and tells every rank whether any rank diverged.
+    nonfinite = 0.0 if weights_are_finite(unwrap(training.model)) else 1.0
+    loss_sum, nonfinite = all_reduce_sum([last_loss, nonfinite], env)
+    if nonfinite or not math.isfinite(loss_sum):
+        what = f"the loss ({loss_sum / env.world_size})" if not math.isfinite(loss_sum) else "the weights"
+        raise DivergedError(f"training diverged: {what} became non-finite by step {progress.global_step} "
+                            f"(epoch {progress.epoch}); nothing was saved from that step on, the older "
+                            "checkpoints are kept. Lower --lr, or resume with other settings")
     rng_states = gather_to_main(capture_rng_state(env.device), env)
-    (loss_sum,) = all_reduce_sum([last_loss], env)
-    path = None
+    path, problem = None, None
     if env.is_main:
         checkpoint = build_checkpoint(training, progress, loss_sum / env.world_size, rng_states,
-                                      config, env.world_size, wandb_run_id)
-        path = save_checkpoint(checkpoint, ckpt_dir, keep)
-    barrier(env)  # no rank runs ahead (or reads, or prunes) while the main rank writes
+                                      config, env.world_size, wandb_run_id, capture_environment(env.device))
+        try:
+            path = save_checkpoint(checkpoint, ckpt_dir, keep)
+        except OSError as error:
+            problem = save_failure(error, checkpoint, ckpt_dir, keep)
+        except CheckpointError as error:  # a newer-format file where this one would go
+            problem = str(error)
+    # No rank runs ahead (or reads, or prunes) while the main rank writes; all learn how it went.
+    problem = broadcast_from_main(problem, env)
+    if problem:
+        raise SaveFailedError(problem)
     return path
+
+
+def save_failure(error: OSError, checkpoint: dict, ckpt_dir: Path, keep: int) -> str:
+    """One line: what failed, and how much room the checkpoints need."""
+    size = sum(t.numel() * t.element_size() for t in _tensors(checkpoint))
+    path = checkpoint_path(ckpt_dir, checkpoint["global_step"])
+    return (f"could not save checkpoint {path}: {error.strerror or error}; the temp file is removed and "
+            f"the older checkpoints are kept. A save needs about {_mb(size * (keep + 1))} free "
+            f"(checkpoint ~{_mb(size)} x (--keep {keep} + 1))")
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _mb(num_bytes: int) -> str:
+    return f"{num_bytes / 1e6:.1f} MB"
 
 
 def choose_resume_checkpoint(ckpt_dir: Path, explicit: str | None, env: DistEnv) -> dict | None:

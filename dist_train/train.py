@@ -8,6 +8,7 @@ The steps follow PyTorch's recipe "Saving and loading a general checkpoint".
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -16,14 +17,18 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_train import data, distributed, exits, healing
-from dist_train.checkpoint import CheckpointError, prepare_run_dir, save_checkpoint, write_config_file
-from dist_train.config import Config, UserError, config_differences, parse_config
+from dist_train.checkpoint import load_checkpoint, save_checkpoint
+from dist_train.config import Config, config_differences, environment_differences, parse_config
+from dist_train.errors import RUN_ERRORS, GaveUp, UserError
 from dist_train.loop import build_scheduler, evaluate, train_steps
 from dist_train.models import build_model, unwrap
-from dist_train.preemption import NONE, REQUEUE, TERMINATE, StopAgreement, StopFlag, requeue_slurm_job, restart_count
-from dist_train.state import (Progress, Training, apply_checkpoint, build_checkpoint, choose_resume_checkpoint,
-                              rescale_progress, restore_rng_of_rank, rng_state_at_step, save_training_state,
-                              seed_everything, seed_step)
+from dist_train.preemption import (INTERRUPT, NONE, TERMINATE, StopAgreement, StopFlag, requeue_slurm_job,
+                                   restart_count)
+from dist_train.rundir import prepare_run_dir, write_config_file
+from dist_train.state import (Progress, Training, apply_checkpoint, apply_optimizer_settings, build_checkpoint,
+                              capture_environment, choose_resume_checkpoint, rescale_progress,
+                              restore_rng_of_rank, rng_state_at_step, save_training_state, seed_everything,
+                              seed_step, weights_are_finite)
 from dist_train.watchdog import AGREEING, EVALUATING, SAVING, SYNCING
 from dist_train.tracking import ProgressReport, build_tracker, setup_logging
 
@@ -65,6 +70,11 @@ def resume(config: Config, env, training: Training, ckpt_dir: Path) -> tuple[Pro
     if checkpoint is None:
         return Progress(), None
     changes = config_differences(checkpoint["config"], checkpoint["world_size"], config, env.world_size)
+    if "environment" in checkpoint:
+        changes += environment_differences(checkpoint["environment"], capture_environment(env.device))
+    else:
+        log.info("the checkpoint is of format %d: thread count, device type, determinism and torch "
+                 "version were not recorded, so not checked", checkpoint["format_version"])
     if changes and not config.allow_config_change:
         raise UserError("this run's settings differ from its checkpoint's, so the resume would not be "
                         f"exact: {'; '.join(changes)}. Relaunch with the same settings, or pass "
@@ -72,14 +82,33 @@ def resume(config: Config, env, training: Training, ckpt_dir: Path) -> tuple[Pro
     for change in changes:
         log.warning("resuming with a changed setting (--allow-config-change): %s", change)
     progress = apply_checkpoint(checkpoint, training)
+    # load_state_dict restored the saved lr, momentum and weight decay: the configured ones win.
+    apply_optimizer_settings(training, config.lr, config.momentum, config.weight_decay)
     if checkpoint["world_size"] != env.world_size:
         progress = rescale_progress(progress, checkpoint["world_size"], env.world_size)
     restore_rng_of_rank(checkpoint, env)  # last: everything above may draw random numbers
     return progress, checkpoint.get("wandb_run_id")
 
 
+def check_before_touching_disk(config: Config, is_main: bool) -> None:
+    """What can be checked without the run directory: the --resume file, the data directory."""
+    if is_main and config.resume:
+        load_checkpoint(Path(config.resume), mmap=True)  # verified; read again, onto devices, later
+    data.check_data_dir(config)
+
+
 def train(config: Config, stop_flag: StopFlag) -> int:
-    ckpt_dir = prepare_run_dir(config, is_main=distributed.discover_ranks()[0] == 0)
+    is_main = distributed.discover_ranks()[0] == 0
+    check_before_touching_disk(config, is_main)
+    ckpt_dir, lock = prepare_run_dir(config, is_main)  # the main rank holds the lock until the end
+    try:
+        return train_in_run_dir(config, stop_flag, ckpt_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path) -> int:
     env = distributed.setup(config.device, config.deterministic)
     tracker = None
     try:
@@ -115,11 +144,15 @@ def train(config: Config, stop_flag: StopFlag) -> int:
                 tracker.log("checkpoint", {"step": progress.global_step, "epoch": progress.epoch},
                             progress.global_step)
 
-        def save_alone() -> Path:
+        def save_alone() -> Path | None:
             """A survivor's checkpoint of the last finished step, written without the other ranks."""
+            loss = float(progress.last_loss)
+            if not (math.isfinite(loss) and weights_are_finite(unwrap(training.model))):
+                log.error("not saving after the fault: the loss or the weights are not finite")
+                return None
             rng_states = [rng_state_at_step(config.seed, r, progress.global_step) for r in range(env.world_size)]
-            checkpoint = build_checkpoint(training, progress, float(progress.last_loss), rng_states,
-                                          config.to_dict(), env.world_size, tracker.run_id)
+            checkpoint = build_checkpoint(training, progress, loss, rng_states, config.to_dict(), env.world_size,
+                                          tracker.run_id, capture_environment(env.device))
             return save_checkpoint(checkpoint, ckpt_dir, config.keep)
 
         healer = healing.Healer(config, env, unwrap(training.model), save_alone)
@@ -142,6 +175,8 @@ def train(config: Config, stop_flag: StopFlag) -> int:
             return exits.COMPLETE
         if request == TERMINATE:
             return exits.TERMINATED
+        if request == INTERRUPT:
+            return exits.INTERRUPTED
         # REQUEUE: the main rank asks SLURM; every rank exits with what came of it.
         requeued = requeue_slurm_job(config.max_requeues) if env.is_main else None
         return exits.COMPLETE if distributed.broadcast_from_main(requeued, env) else exits.STOPPED
@@ -164,10 +199,6 @@ def count_this_launch(config: Config, env, progress: Progress) -> None:
     problem = distributed.broadcast_from_main(problem, env)
     if problem:
         raise GaveUp(problem)
-
-
-class GaveUp(Exception):
-    """Too many failed launches: reported as one line, exit code exits.GAVE_UP."""
 
 
 def log_peak_gpu_memory(env, when: str) -> None:
@@ -234,14 +265,10 @@ def main(argv: list[str] | None = None, stop_flag: StopFlag | None = None) -> in
     is_main = distributed.discover_ranks()[0] == 0
     try:
         return train(parse_config(argv), stop_flag)
-    except (UserError, CheckpointError) as error:
+    except RUN_ERRORS as error:
         if is_main or isinstance(error, distributed.RankError):
             print(f"error: {error}", file=sys.stderr)
-        return exits.USER_ERROR
-    except GaveUp as error:
-        if is_main:
-            print(f"error: {error}", file=sys.stderr)
-        return exits.GAVE_UP
+        return error.exit_code
     except RuntimeError as error:
         op = distributed.nondeterministic_op(error)
         if op is None:

@@ -13,11 +13,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs without installing
 
-from dist_train.preemption import StopFlag  # noqa: E402
+from dist_train.preemption import StopFlag, die_with_launcher  # noqa: E402
 
-# SIGUSR1/SIGTERM from here on only set a flag: the loop saves at a step boundary, then exits.
+# SIGUSR1/SIGTERM/SIGINT from here on only set a flag: the loop saves at a step boundary, then exits.
 # Installed before importing torch (seconds), so that a signal during start-up is not fatal.
 STOP_FLAG = StopFlag().install()
+die_with_launcher()  # under torchrun: a rank never outlives its agent
 
 from dist_train.train import main  # noqa: E402
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import random
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import assert_bitwise_equal
-from dist_train.checkpoint import (CheckpointError, checkpoint_path, find_latest_valid, list_checkpoints,
-                                   load_checkpoint, read_latest_marker, save_checkpoint)
+from dist_train.checkpoint import (CheckpointError, NewerFormatError, checkpoint_path, find_latest_valid,
+                                   list_checkpoints, load_checkpoint, read_latest_marker, save_checkpoint)
 from dist_train.config import UserError
 from dist_train.distributed import DistEnv
 from dist_train.loop import build_scheduler
@@ -115,6 +117,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
 
 def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
     path = save_checkpoint(trained_checkpoint(5), ckpt_dir, keep=3)
     path.write_bytes(b"garbage")
     with pytest.raises(UserError, match="no checkpoint .* loads"):
@@ -143,3 +146,100 @@ def test_a_checkpoint_of_another_architecture_names_the_keys():
     optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
     with pytest.raises(UserError, match="missing keys .*unexpected keys .*conv2.weight"):
         apply_checkpoint(checkpoint, Training(other, optimizer, build_scheduler(optimizer, "constant", 1)))
+
+
+def flip_byte(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def entry_offsets(path, name_ending: str) -> range:
+    """Where the bytes of the zip entry whose name ends with `name_ending` lie in the file."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(name_ending))
+    # The local header: 30 bytes, then the name and the extra field (their lengths at 26 and 28).
+    header = path.read_bytes()[info.header_offset:info.header_offset + 30]
+    start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+    return range(start, start + info.file_size)
+
+
+@pytest.mark.parametrize("entry", ["data/0", "data.pkl"])
+def test_a_flipped_byte_is_a_broken_file_and_the_previous_one_is_used(tmp_path, entry, caplog):
+    save_checkpoint(trained_checkpoint(5), tmp_path, keep=3)
+    newest = save_checkpoint(trained_checkpoint(10), tmp_path, keep=3)
+    offsets = entry_offsets(newest, entry)
+    flip_byte(newest, offsets[len(offsets) // 2])
+    if entry == "data/0":  # a tensor's bytes: torch alone loads the wrong values without a word
+        assert torch.load(newest, weights_only=True)["global_step"] == 10
+    with pytest.raises(CheckpointError, match="digest check failed"):
+        load_checkpoint(newest)
+    path, checkpoint = find_latest_valid(tmp_path)
+    assert path == checkpoint_path(tmp_path, 5) and checkpoint["global_step"] == 5
+    assert "step_000000010.pt" in caplog.text and "skipping" in caplog.text
+
+
+def test_the_recipe_loads_a_checkpoint_file_unchanged(tmp_path):
+    path = save_checkpoint(trained_checkpoint(5), tmp_path, keep=3)
+    checkpoint = torch.load(path)  # the recipe's plain call, no sidecar, no wrapper
+    model, optimizer = Net(), torch.optim.SGD(Net().parameters(), lr=0.001, momentum=0.9)
+    model.load_state_dict(checkpoint["model_state_dict"])
+    assert checkpoint["format_version"] == 2 and "environment" in checkpoint
+
+
+def test_a_newer_format_file_stops_the_search_and_is_never_overwritten_or_pruned(tmp_path):
+    save_checkpoint(trained_checkpoint(5), tmp_path, keep=3)
+    newer = trained_checkpoint(10)
+    newer["format_version"] = 99
+    torch.save(newer, checkpoint_path(tmp_path, 10))
+    with pytest.raises(NewerFormatError, match="update dist_train"):
+        find_latest_valid(tmp_path)
+    before = checkpoint_path(tmp_path, 10).read_bytes()
+    with pytest.raises(NewerFormatError, match="not overwriting"):
+        save_checkpoint(trained_checkpoint(10), tmp_path, keep=1)
+    for step in (20, 30):
+        save_checkpoint(trained_checkpoint(step), tmp_path, keep=1)
+    assert checkpoint_path(tmp_path, 10).read_bytes() == before
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000030.pt", "step_000000010.pt"]
+
+
+def test_only_regular_files_are_candidates(tmp_path):
+    save_checkpoint(trained_checkpoint(5), tmp_path, keep=3)
+    os.mkfifo(checkpoint_path(tmp_path, 20))  # opening it would block forever
+    checkpoint_path(tmp_path, 30).mkdir()
+    assert list_checkpoints(tmp_path) == [checkpoint_path(tmp_path, 5)]
+    assert find_latest_valid(tmp_path)[0] == checkpoint_path(tmp_path, 5)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_checkpoint(checkpoint_path(tmp_path, 20))
+
+
+def test_a_file_whose_step_disagrees_with_its_name_is_broken(tmp_path):
+    save_checkpoint(trained_checkpoint(5), tmp_path, keep=3)
+    torch.save(trained_checkpoint(7), checkpoint_path(tmp_path, 40))
+    with pytest.raises(CheckpointError, match="name says step 40 but it holds step 7"):
+        load_checkpoint(checkpoint_path(tmp_path, 40))
+    assert find_latest_valid(tmp_path)[0] == checkpoint_path(tmp_path, 5)
+
+
+def test_broken_files_never_take_a_keep_slot(tmp_path):
+    for step in (5, 10):
+        save_checkpoint(trained_checkpoint(step), tmp_path, keep=2)
+    checkpoint_path(tmp_path, 15).write_bytes(b"broken")
+    save_checkpoint(trained_checkpoint(20), tmp_path, keep=2)
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert "step_000000010.pt" in names and "step_000000020.pt" in names  # two good ones kept
+
+
+def test_a_failed_write_leaves_no_temp_file_and_replaces_nothing(tmp_path):
+    first = save_checkpoint(trained_checkpoint(5), tmp_path, keep=3)
+    broken = trained_checkpoint(10)
+
+    def full_disk(f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    from dist_train.checkpoint import write_atomically
+    with pytest.raises(OSError):
+        write_atomically(checkpoint_path(tmp_path, 10), full_disk)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", first.name]
+    assert broken["global_step"] == 10

@@ -23,7 +23,8 @@ def run_cli(args, capsys) -> tuple[int, str, str]:
 
 
 def snapshot(run_dir) -> dict:
-    return {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    """Every file's bytes, but the lock's: a launch that gets as far as locking writes its PID there."""
+    return {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
 
 
 def test_inspect_a_run_directory_and_json(reference_ws1, capsys):
@@ -32,7 +33,7 @@ def test_inspect_a_run_directory_and_json(reference_ws1, capsys):
     assert "step_000000048.pt" in out and "validates: ok" in out and "num_parameters: 62006" in out
     code, out, _ = run_cli(["inspect", str(reference_ws1 / "checkpoints" / "step_000000040.pt"), "--json"], capsys)
     info = json.loads(out)
-    assert (info["format_version"], info["global_step"], info["world_size"], info["epoch"]) == (1, 40, 1, 1)
+    assert (info["format_version"], info["global_step"], info["world_size"], info["epoch"]) == (2, 40, 1, 1)
     assert info["loads"] is True and info["config"]["batch_size"] == 16 and info["size_bytes"] > 0
 
 
@@ -174,3 +175,20 @@ def test_inspect_and_evaluate_refuse_a_file_that_is_not_a_checkpoint(tmp_path, c
     for command in (["inspect"], ["evaluate"], ["export", "--out", str(tmp_path / "w.pt")], ["compare", str(tmp_path / "notes.txt")]):
         code, _, err = run_cli([*command, str(tmp_path / "notes.txt")], capsys)
         assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_every_command_verifies_the_digest(tmp_path, capsys):
+    from test_checkpoint import entry_offsets, flip_byte, trained_checkpoint
+
+    from dist_train.checkpoint import save_checkpoint
+
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    path = save_checkpoint(trained_checkpoint(5), ckpt_dir, keep=3)
+    flip_byte(path, entry_offsets(path, "data/0")[10])
+    for command in (["inspect", str(path)], ["evaluate", str(path), "--dataset", "fake"],
+                    ["export", str(path), "--out", str(tmp_path / "w.pt")]):
+        code, _, err = run_cli(command, capsys)
+        assert code == 2 and "digest check failed" in err and len(err.strip().splitlines()) == 1, err
+    code, out, _ = run_cli(["list", str(tmp_path / "run")], capsys)
+    assert code == 0 and "BROKEN" in out and "digest check failed" in out

@@ -1,0 +1,44 @@
+"""The errors a run ends with cleanly: one `error:` line and an exit code from exits.py, never a traceback.
+
+Torch-free, so that the dist-train command and the config parser can catch them before importing
+torch; config.py re-exports UserError and CheckpointError for older imports.
+"""
+
+from dist_train import exits
+
+
+class UserError(ValueError):
+    """A mistake the user can fix; reported as one line and a non-zero exit, never a traceback."""
+
+    exit_code = exits.USER_ERROR
+
+
+class CheckpointError(Exception):
+    """A file that is not a loadable checkpoint of this format (broken, foreign, or newer)."""
+
+    exit_code = exits.USER_ERROR
+
+
+class NewerFormatError(CheckpointError):
+    """A checkpoint written by a newer dist_train: never skipped, overwritten or pruned."""
+
+
+class DivergedError(Exception):
+    """The loss (or the weights) became non-finite: nothing is saved from that step on."""
+
+    exit_code = exits.DIVERGED
+
+
+class SaveFailedError(Exception):
+    """A checkpoint (or the run's config.json) could not be written: disk full, read-only, vanished."""
+
+    exit_code = exits.SAVE_FAILED
+
+
+class GaveUp(Exception):
+    """--max-failures launches in a row failed without completing an epoch."""
+
+    exit_code = exits.GAVE_UP
+
+
+RUN_ERRORS = (UserError, CheckpointError, DivergedError, SaveFailedError, GaveUp)

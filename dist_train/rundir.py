@@ -1,0 +1,106 @@
+"""The run directory: one writer at a time (a lock), its layout, stale temp files, config.json.
+
+The main rank holds an exclusive flock on RUN_DIR/.lock for the whole run; its host and PID are
+written inside, so that a second launch can say who holds it. The kernel drops a flock when its
+holder dies (SIGKILL, a crashed node's lease on NFSv4), so a stale lock is simply taken over.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+from dist_train.checkpoint import (LATEST, is_regular_file, remove_stale_temp_files, step_in_name,
+                                   write_atomically)
+from dist_train.errors import SaveFailedError, UserError
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+
+
+class RunDirLock:
+    """An exclusive, non-blocking flock on RUN_DIR/.lock, held until release() or death."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self._fd, 256).decode(errors="replace").split()
+            os.close(self._fd)
+            who = f"PID {holder[0]} on host {holder[1]}" if len(holder) >= 2 else "another process"
+            raise UserError(f"run directory {run_dir} is in use by {who}; wait for it to end, "
+                            "or use another --run-dir") from None
+        except OSError as error:
+            # Lustre without the `flock` mount option (and some FUSE filesystems) refuse flock:
+            # stop rather than run unprotected.
+            os.close(self._fd)
+            raise UserError(f"cannot lock run directory {run_dir} ({error.strerror}); on Lustre mount "
+                            "with -o flock, or use a run directory on a filesystem that supports flock") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
+
+def prepare_run_dir(config, is_main: bool) -> tuple[Path, RunDirLock | None]:
+    """RUN_DIR/checkpoints, created and checked by the main rank, which locks the run directory
+    first; before any process group. Returns the checkpoint directory and the lock (main rank)."""
+    run_dir = Path(config.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if not is_main:
+        return ckpt_dir, None
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunDirLock(run_dir)
+    except OSError as error:
+        raise UserError(f"run directory {run_dir} is not writable: {error.strerror}") from None
+    try:
+        _check_writable(ckpt_dir)
+        _check_entries(ckpt_dir)
+        for directory in (run_dir, ckpt_dir):  # only under the lock: no other writer is live
+            remove_stale_temp_files(directory)
+    except BaseException:
+        lock.release()
+        raise
+    return ckpt_dir, lock
+
+
+def _check_writable(ckpt_dir: Path) -> None:
+    try:
+        ckpt_dir.mkdir(exist_ok=True)
+        probe = ckpt_dir / f".write-test-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"run directory {ckpt_dir.parent} is not writable: {error.strerror}") from None
+
+
+def _check_entries(ckpt_dir: Path) -> None:
+    """`latest` must be replaceable by a file; entries named like checkpoints that are not regular
+    files (a FIFO, a directory) are never opened, and said so once."""
+    latest = ckpt_dir / LATEST
+    if latest.is_dir():
+        raise UserError(f"{latest} is a directory, not the marker file; move it away")
+    for path in sorted(ckpt_dir.iterdir()):
+        if step_in_name(path) is not None and not is_regular_file(path):
+            log.warning("ignoring %s: not a regular file", path)
+
+
+def write_config_file(config) -> None:
+    """The effective configuration, as RUN_DIR/config.json."""
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    path = Path(config.run_dir) / "config.json"
+    try:
+        write_atomically(path, lambda f: f.write(text.encode()))
+    except OSError as error:
+        raise SaveFailedError(f"could not write {path}: {error.strerror or error}") from None

@@ -1,0 +1,125 @@
+"""Configuration: every field's class on resume, config-file values checked as flags are,
+the recorded environment, and nothing on disk before the configuration is known to be good."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from conftest import newest_checkpoint, run
+
+from dist_train import exits
+from dist_train.config import EXACTNESS_FIELDS, HARMLESS_FIELDS, Config, UserError, parse_config
+from dist_train.loop import build_scheduler
+from dist_train.preemption import StopFlag
+from dist_train.state import Training, apply_optimizer_settings
+from dist_train.train import main
+
+TINY = ["--dataset", "fake", "--fake-size", "64", "--batch-size", "16", "--num-workers", "0",
+        "--log-every-steps", "1", "--no-eval", "--lr-schedule", "constant"]  # 4 steps an epoch
+
+
+def test_every_field_is_in_exactly_one_class():
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert not EXACTNESS_FIELDS & HARMLESS_FIELDS
+    assert EXACTNESS_FIELDS | HARMLESS_FIELDS == fields
+    assert {"lr", "momentum", "weight_decay"} <= EXACTNESS_FIELDS
+
+
+def write(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("c.toml", 'amp = "fp32"', "argument --amp: invalid choice: 'fp32'"),
+    ("c.toml", 'lr_schedule = "linear"', "argument --lr-schedule: invalid choice: 'linear'"),
+    ("c.toml", "lr = nan", "--lr must be a finite number, got nan"),
+    ("c.toml", "momentum = inf", "--momentum must be a finite number, got inf"),
+    ("c.toml", "epochs = 1.5", "argument --epochs: invalid int value: '1.5'"),
+    ("c.toml", 'eval = "no"', "eval must be true or false"),
+    ("c.yaml", "batch_size: [16, 32]", "batch_size must be a single value, not a list"),
+    ("c.yaml", "amp: off", "quote words like off"),
+])
+def test_config_file_values_meet_the_same_checks_as_flags(tmp_path, name, text, message):
+    with pytest.raises(UserError) as error:
+        parse_config(["--config", write(tmp_path, name, text)])
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_good_config_file_is_applied_and_flags_override_it(tmp_path):
+    path = write(tmp_path, "c.yaml", "amp: bf16\nlr: 0.5\neval: false\nresume: null\nbatch-size: 8\n")
+    config = parse_config(["--config", path, "--lr", "0.25"])
+    assert (config.amp, config.lr, config.eval, config.resume, config.batch_size) == ("bf16", 0.25, False, None, 8)
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--momentum", "--weight-decay"])
+def test_non_finite_flags_are_refused(flag):
+    for value in ("nan", "inf"):
+        with pytest.raises(UserError, match="must be a finite number"):
+            parse_config([flag, value])
+
+
+@pytest.mark.parametrize("extra", [["--lr", "nan"], ["--resume", "missing.pt"], ["--config", "missing.toml"]])
+def test_nothing_is_created_before_the_configuration_is_known_to_be_good(tmp_path, extra, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["--dataset", "fake", "--run-dir", str(run_dir), *extra], StopFlag()) == exits.USER_ERROR
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not run_dir.exists()
+
+
+def test_new_optimizer_settings_replace_the_loaded_ones_along_the_schedule():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = build_scheduler(optimizer, "cosine", 10)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    apply_optimizer_settings(Training(model, optimizer, scheduler), lr=0.4, momentum=0.5, weight_decay=0.01)
+    factor = scheduler.lr_lambdas[0](3)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.4 * factor, 0.5, 0.01)
+    scheduler.step()
+    assert group["lr"] == 0.4 * scheduler.lr_lambdas[0](4)
+
+
+def test_a_changed_lr_is_refused_then_really_used_with_allow_config_change(tmp_path):
+    run_dir = tmp_path / "run"
+    args = TINY + ["--run-dir", str(run_dir), "--epochs", "1", "--lr", "0.01", "--momentum", "0.9"]
+    run(args)
+    changed = args + ["--lr", "0.05", "--momentum", "0.5"]
+    refused = run(changed, check=False)
+    assert refused.returncode == exits.USER_ERROR
+    assert "lr: 0.01 -> 0.05" in refused.stdout and "momentum: 0.9 -> 0.5" in refused.stdout
+    allowed = run(changed + ["--epochs", "2", "--allow-config-change"]).stdout
+    assert "resuming with a changed setting (--allow-config-change): lr: 0.01 -> 0.05" in allowed
+    group = newest_checkpoint(run_dir)["optimizer_state_dict"]["param_groups"][0]
+    assert (group["lr"], group["momentum"]) == (0.05, 0.5)
+    assert json.loads((run_dir / "config.json").read_text())["lr"] == 0.05
+
+
+def test_a_resume_with_another_thread_count_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    args = TINY + ["--run-dir", str(run_dir), "--epochs", "1"]
+    run(args, env_extra={"OMP_NUM_THREADS": "1"})
+    assert newest_checkpoint(run_dir)["environment"]["num_threads"] == 1
+    refused = run(args, check=False, env_extra={"OMP_NUM_THREADS": "2"})
+    assert refused.returncode == exits.USER_ERROR, refused.stdout[-2000:]
+    assert "thread count (torch.get_num_threads): 1 -> 2" in refused.stdout
+
+
+def test_environment_differences_name_each_change():
+    from dist_train.config import environment_differences
+    from dist_train.state import capture_environment
+
+    now = capture_environment(torch.device("cpu"))
+    saved = now | {"device_type": "cuda", "torch_version": "2.13.0", "deterministic": not now["deterministic"]}
+    assert environment_differences(saved, now) == [
+        "device type: 'cuda' -> 'cpu'",
+        f"deterministic algorithms: {saved['deterministic']!r} -> {now['deterministic']!r}",
+        f"torch version: '2.13.0' -> {now['torch_version']!r}"]
+    assert environment_differences(now, now) == []

@@ -1,0 +1,164 @@
+"""Faults other than SIGKILL end cleanly, with real processes: divergence, a second launch on the
+same run directory, a full disk, a vanished run directory, Ctrl-C, a killed torchrun agent,
+odd files in checkpoints/."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from conftest import (REPO, SMALL_RUN, Launch, assert_same_training_state, launch_command, newest_checkpoint,
+                      process_tree, python_env, run)
+
+from dist_train import exits
+from dist_train.checkpoint import list_checkpoints
+
+TINY = ["--dataset", "fake", "--fake-size", "64", "--batch-size", "16", "--num-workers", "0",
+        "--log-every-steps", "1", "--no-eval"]  # 4 steps an epoch
+
+
+def error_lines(out: str) -> list[str]:
+    assert "Traceback" not in out, out[-3000:]
+    return [line for line in out.splitlines() if line.startswith("error:")]
+
+
+def test_divergence_stops_before_saving_and_keeps_the_finite_checkpoints(tmp_path):
+    run_dir = tmp_path / "run"
+    args = TINY + ["--epochs", "3", "--save-every-steps", "1", "--keep", "2", "--lr", "1e4",
+                   "--lr-schedule", "constant", "--run-dir", str(run_dir)]
+    result = run(args, check=False)
+    assert result.returncode == exits.DIVERGED, result.stdout[-3000:]
+    (line,) = error_lines(result.stdout)
+    assert "diverged" in line and "by step 3" in line
+    paths = list_checkpoints(run_dir / "checkpoints")
+    assert [p.name for p in paths] == ["step_000000002.pt", "step_000000001.pt"]
+    for path in paths:
+        checkpoint = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(t).all() for t in checkpoint["model_state_dict"].values())
+
+
+def test_a_second_launch_on_a_run_directory_in_use_exits_at_once(tmp_path):
+    run_dir = tmp_path / "run"
+    args = TINY + ["--epochs", "200", "--run-dir", str(run_dir)]
+    first = Launch(args, tmp_path / "first.log")
+    first.wait_for(r"step 2 batch")
+    second = run(args, check=False)
+    assert second.returncode == exits.USER_ERROR
+    (line,) = error_lines(second.stdout)
+    assert f"is in use by PID {first.proc.pid} on host " in line, line
+    first.kill()  # the kernel drops the dead holder's lock: the next launch takes it over
+    assert (run_dir / ".lock").exists()
+    third = Launch(args, tmp_path / "third.log")
+    third.wait_for(r"resuming from")
+    third.kill()
+
+
+def _with_file_size_limit(limit: int):
+    def preexec():
+        # Writes past `limit` bytes fail with EFBIG, as writes to a full disk fail with ENOSPC.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return preexec
+
+
+def test_a_failed_save_removes_its_temp_file_keeps_older_checkpoints_and_says_why(tmp_path):
+    run_dir = tmp_path / "run"
+    args = TINY + ["--epochs", "1", "--keep", "2", "--run-dir", str(run_dir)]
+    run(args)
+    before = {p.name: p.read_bytes() for p in list_checkpoints(run_dir / "checkpoints")}
+    more = args + ["--epochs", "2", "--allow-config-change"]
+    result = subprocess.run(launch_command(more), env=python_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=300,
+                            preexec_fn=_with_file_size_limit(100_000))  # a checkpoint is ~520 kB
+    assert result.returncode == exits.SAVE_FAILED, result.stdout[-3000:]
+    (line,) = error_lines(result.stdout)
+    assert "could not save checkpoint" in line and "File too large" in line and "x (--keep 2 + 1)" in line
+    ckpt_dir = run_dir / "checkpoints"
+    assert not [p for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")]
+    assert {p.name: p.read_bytes() for p in list_checkpoints(ckpt_dir)} == before
+
+
+def test_a_run_directory_that_vanishes_mid_run_stops_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    launch = Launch(TINY + ["--epochs", "200", "--save-every-steps", "1", "--run-dir", str(run_dir)],
+                    tmp_path / "vanish.log")
+    launch.wait_for(r"saved checkpoint")
+    while run_dir.exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    assert launch.wait(timeout=120) == exits.SAVE_FAILED, launch.output()[-3000:]
+    (line,) = error_lines(launch.output())
+    assert "could not save checkpoint" in line and "No such file or directory" in line
+
+
+def test_ctrl_c_saves_and_stops_then_the_resume_is_exact(reference_ws1, tmp_path):
+    run_dir = tmp_path / "run"
+    args = SMALL_RUN + ["--save-every-steps", "0", "--run-dir", str(run_dir)]
+    launch = Launch(args, tmp_path / "sigint.log")
+    launch.wait_for(r"step 3 batch")
+    os.killpg(launch.proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the rank and its loader workers
+    assert launch.wait(timeout=120) == exits.INTERRUPTED, launch.output()[-3000:]
+    assert "stop requested by SIGINT" in launch.output()
+    assert newest_checkpoint(run_dir)["next_batch"] != 0  # saved mid-epoch: no periodic saves here
+    run(args)
+    assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference_ws1))
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path):
+    run_dir = tmp_path / "run"
+    launch = Launch(TINY + ["--epochs", "1", "--run-dir", str(run_dir)], tmp_path / "twice.log")
+    time.sleep(1.0)  # the handler is in place within milliseconds; torch takes seconds to import
+    # Signals that arrive while one is pending merge into one: repeat until the process is gone.
+    # The first one handled asks for a save at step 1; the next one must end the process first.
+    while launch.proc.poll() is None:
+        os.killpg(launch.proc.pid, signal.SIGINT)
+        time.sleep(0.3)
+    assert launch.wait(timeout=120) == exits.INTERRUPTED
+    assert "step 1 batch" not in launch.output() and not list_checkpoints(run_dir / "checkpoints")
+
+
+def test_ranks_stop_when_their_torchrun_agent_is_killed(tmp_path):
+    run_dir = tmp_path / "run"
+    launch = Launch(SMALL_RUN + ["--epochs", "100", "--run-dir", str(run_dir)], tmp_path / "agent.log", nproc=2)
+    launch.wait_for(r"step 2 batch")
+    ranks_and_workers = process_tree(launch.proc.pid)[1:]
+    assert len(ranks_and_workers) >= 2
+    os.kill(launch.proc.pid, signal.SIGKILL)  # the agent alone, as `kill -9` of the launcher
+    launch.wait(timeout=30)
+    deadline = time.monotonic() + 120  # generous: without PR_SET_PDEATHSIG they train for minutes
+    while [pid for pid in ranks_and_workers if _alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in ranks_and_workers if _alive(pid)], launch.output()[-2000:]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_odd_entries_in_checkpoints_neither_hang_nor_crash(tmp_path):
+    run_dir = tmp_path / "run"
+    args = TINY + ["--epochs", "1", "--run-dir", str(run_dir)]
+    run(args)
+    ckpt_dir = run_dir / "checkpoints"
+    os.mkfifo(ckpt_dir / "step_000000099.pt")  # opened, it would block the reader forever
+    (ckpt_dir / "step_000000098.pt").mkdir()
+    out = run(args, timeout=120).stdout
+    assert "run in" in out and "is complete" in out
+    listing = run(["list", str(run_dir)], script=REPO / "dist_train" / "__main__.py", timeout=120).stdout
+    assert "step_000000099" not in listing and "step_000000004.pt" in listing
+    (ckpt_dir / "latest").unlink()
+    (ckpt_dir / "latest").mkdir()
+    result = run(args + ["--epochs", "2", "--allow-config-change"], check=False, timeout=120)
+    assert result.returncode == exits.USER_ERROR
+    (line,) = error_lines(result.stdout)
+    assert "latest is a directory" in line

@@ -1,0 +1,48 @@
+"""The run directory, in-process: one lock holder, stale temp files cleaned only under the lock,
+temp names unique per writer."""
+
+from __future__ import annotations
+
+import os
+import socket
+from types import SimpleNamespace
+
+import pytest
+
+from dist_train.checkpoint import temp_path
+from dist_train.errors import UserError
+from dist_train.rundir import RunDirLock, prepare_run_dir
+
+
+def test_a_second_holder_is_refused_with_the_first_ones_pid_and_host(tmp_path):
+    first = RunDirLock(tmp_path)
+    with pytest.raises(UserError, match=f"is in use by PID {os.getpid()} on host {socket.gethostname()}"):
+        RunDirLock(tmp_path)  # flock conflicts between open files, even within one process
+    first.release()
+    RunDirLock(tmp_path).release()  # released: the next one takes it
+
+
+def test_stale_temp_files_are_removed_in_the_run_dir_and_checkpoints_under_the_lock(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    stale = [run_dir / ".config.json.1.ab.tmp", run_dir / "checkpoints" / ".step_000000005.pt.2.cd.tmp"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    config = SimpleNamespace(run_dir=str(run_dir))
+    ckpt_dir, lock = prepare_run_dir(config, is_main=True)
+    try:
+        assert ckpt_dir == run_dir / "checkpoints" and not any(p.exists() for p in stale)
+        (run_dir / ".config.json.3.ef.tmp").write_bytes(b"live")  # a writer's temp file...
+        with pytest.raises(UserError, match="in use"):
+            prepare_run_dir(config, is_main=True)  # ...is not touched by a second launch
+        assert (run_dir / ".config.json.3.ef.tmp").exists()
+    finally:
+        lock.release()
+
+
+def test_temp_names_differ_between_writers(tmp_path):
+    target = tmp_path / "step_000000005.pt"
+    names = {temp_path(target) for _ in range(100)}
+    assert len(names) == 100 and all(n.name.startswith(".step_000000005.pt.") and n.name.endswith(".tmp")
+                                     for n in names)
+    assert all(f".{os.getpid()}." in n.name for n in names)
