@@ -207,11 +207,11 @@ def test_every_script_gives_each_rank_its_cpus_and_threads(bound_slurm, jobs_dir
     assert "device cpu, 2 CPUs, 2 threads (OMP_NUM_THREADS=2)" in log, log[-3000:]
 
 
-@pytest.mark.parametrize("kind", ["kill", "stop"])
+@pytest.mark.parametrize("kind", ["kill", "stop", "raise"])
 def test_a_failed_rank_under_srun_is_relaunched_in_the_job_and_costs_no_step(slurm, jobs_dir, time_limit_job,
                                                                             reference_ws2_slurm, kind):
-    """single_node.sbatch, 2 tasks: rank 1 SIGKILLed or SIGSTOPped after step 7; the survivor saves
-    step 7, slurm/relaunch.sh runs the step again, which resumes there and finishes."""
+    """single_node.sbatch, 2 tasks: rank 1 SIGKILLed, SIGSTOPped or raising after step 7; the survivor
+    saves step 7, slurm/relaunch.sh runs the step again, which resumes there and finishes."""
     job = submit(slurm, jobs_dir, ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
                                    f"--output=heal-{kind}-%j.out"], "single_node.sbatch",
                  SLURM_RUN + ["--hang-timeout", "10"], extra_env=f"DIST_TRAIN_INJECT_FAULT={kind}@1:7")
