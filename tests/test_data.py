@@ -169,3 +169,11 @@ def test_digits_augmentation_is_seeded_per_sample_and_never_mirrors():
     assert torch.equal(train[(5, 1)][0], first)
     assert not torch.equal(train[(5, 2)][0], first)  # a new epoch, a new shift
     assert train.augmentation.padding == 4 and not train.augmentation.flip  # a mirrored 2 is no digit
+
+
+def test_fake_data_is_torchvisions_fakedata_to_the_bit():
+    from dist_train.data import fake_data
+
+    for offset in (0, 384):
+        ours, theirs = fake_data(20, random_offset=offset), materialize(FakeData(20, (3, 32, 32), 10, random_offset=offset))
+        assert torch.equal(ours.images, theirs.images) and torch.equal(ours.targets, theirs.targets)
