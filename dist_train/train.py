@@ -22,8 +22,8 @@ from dist_train.config import Config, config_differences, environment_difference
 from dist_train.errors import RUN_ERRORS, GaveUp, UserError
 from dist_train.loop import build_scheduler, evaluate, train_steps
 from dist_train.models import build_model, unwrap
-from dist_train.preemption import (INTERRUPT, NONE, TERMINATE, StopAgreement, StopFlag, requeue_slurm_job,
-                                   restart_count)
+from dist_train.preemption import (INTERRUPT, NONE, TERMINATE, SaveClock, StopAgreement, StopFlag,
+                                   requeue_slurm_job, restart_count)
 from dist_train.rundir import prepare_run_dir, write_config_file
 from dist_train.state import (Progress, Training, apply_checkpoint, apply_optimizer_settings, build_checkpoint,
                               capture_environment, choose_resume_checkpoint, rescale_progress,
@@ -217,6 +217,7 @@ def run_epochs(config, env, training, progress, train_loader, test_loader, stop_
             seed_step(config.seed, env.rank, progress.global_step, env.device)
         healer.phase(phase, progress.global_step)
 
+    clock = SaveClock(config.save_every_minutes if env.is_main else 0)  # the main rank's clock decides
     report = ProgressReport(env.is_main, config.log_every_steps, env.world_size, config.batch_size)
     for epoch in range(progress.next_epoch, config.epochs):
         sampler.set_epoch(epoch, start_batch=progress.next_batch)
@@ -237,16 +238,16 @@ def run_epochs(config, env, training, progress, train_loader, test_loader, stop_
                 tracker.log("train", {"loss": loss, "lr": lr, "samples_per_sec": rate}, progress.global_step)
             healer.after_step(progress.global_step)
             healer.phase(AGREEING)
-            request = agreement.poll(stop_flag.request)
-            if request != NONE:
+            agreed = agreement.poll(stop_flag.request, clock.due())
+            if agreed.request != NONE:
                 report.end_epoch()
                 healer.phase(SAVING)
                 save(loss_tensor.item(), f"stop requested by {stop_flag.signal_name or 'another rank'}")
-                return request
-            if config.save_every_steps and progress.global_step % config.save_every_steps == 0 \
-                    and not end_of_epoch:
+                return agreed.request
+            periodic = config.save_every_steps and progress.global_step % config.save_every_steps == 0
+            if (periodic or agreed.save_due) and not end_of_epoch:
                 healer.phase(SAVING)
-                save(loss_tensor.item(), "periodic")
+                save(loss_tensor.item(), "periodic" if periodic else "timed")
         report.end_epoch()
         if config.eval:
             healer.phase(EVALUATING)
