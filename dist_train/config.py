@@ -50,6 +50,8 @@ class Config:
                                           "agree on through the stop agreement (0: off)")
     async_save: bool = _opt(True, "write checkpoints in a background thread from a copy taken at the step "
                                   "(training goes on meanwhile; one write in flight at a time)")
+    read_once: bool = _opt(True, "on resume with several ranks, the main rank alone reads the checkpoint "
+                                 "and broadcasts it (else every rank reads the shared file)")
     keep: int = _opt(3, "number of newest checkpoints kept")
     resume: str | None = _opt(None, "resume from this checkpoint file instead of the newest valid one", type=str)
     amp: str = _opt("off", "mixed precision: bf16 autocast, or fp16 with a GradScaler (CUDA)",
@@ -229,7 +231,8 @@ EXACTNESS_FIELDS = frozenset({"model", "dataset", "fake_size", "batch_size", "se
 # `device` is here because what matters is the device type it resolves to, which the checkpoint's
 # environment records and checks; `data_dir` may move, the data in it must not.
 HARMLESS_FIELDS = frozenset({"run_dir", "data_dir", "download", "num_workers", "save_every_steps", "keep",
-                             "save_every_minutes", "async_save", "resume", "device", "eval", "log_every_steps", "stop_check_every_steps",
+                             "save_every_minutes", "async_save", "read_once",
+                             "resume", "device", "eval", "log_every_steps", "stop_check_every_steps",
                              "log_level", "wandb_project", "wandb_entity", "wandb_name", "wandb_mode",
                              "allow_config_change", "max_requeues", "sweep_file", "data_path", "wandb_dir",
                              "hang_timeout", "max_failures"})

@@ -277,16 +277,22 @@ def _mb(num_bytes: int) -> str:
     return f"{num_bytes / 1e6:.1f} MB"
 
 
-def choose_resume_checkpoint(ckpt_dir: Path, explicit: str | None, env: DistEnv) -> dict | None:
+def choose_resume_checkpoint(ckpt_dir: Path, explicit: str | None, env: DistEnv, read_once: bool = True) -> dict | None:
     """Collective: the main rank picks the file (explicit, else newest valid) and broadcasts its path;
     every rank has it loaded onto its own device (map_location: cuda:LOCAL_RANK or cpu), so nothing
-    of one rank lands on another rank's GPU. None for a fresh start."""
+    of one rank lands on another rank's GPU. None for a fresh start.
+
+    read_once (with world size > 1): the main rank alone reads the file, onto the CPU, and
+    broadcasts its contents; each rank then moves them to its own device. Without it every rank
+    reads the shared file (at 1,024 ranks, 1,024 reads of it)."""
+    read_once = read_once and env.distributed
+    where = "cpu" if read_once else env.device
     choice, problem, checkpoint = None, None, None
     if env.is_main:
         try:
             if explicit:
-                choice, checkpoint = explicit, load_checkpoint(Path(explicit), env.device)
-            elif found := find_latest_valid(ckpt_dir, env.device):
+                choice, checkpoint = explicit, load_checkpoint(Path(explicit), where)
+            elif found := find_latest_valid(ckpt_dir, where):
                 choice, checkpoint = str(found[0]), found[1]
         except CheckpointError as error:
             problem = str(error)
@@ -295,10 +301,23 @@ def choose_resume_checkpoint(ckpt_dir: Path, explicit: str | None, env: DistEnv)
         raise UserError(problem)
     if choice is None:
         return None
-    if checkpoint is None:  # the other ranks read the file the main rank chose
+    if read_once:
+        checkpoint = to_device(broadcast_from_main(checkpoint, env), env.device)
+    elif checkpoint is None:  # the other ranks read the file the main rank chose
         checkpoint = load_checkpoint(Path(choice), map_location=env.device)
     log.info("resuming from %s (epoch %d, step %d)", choice, checkpoint["epoch"], checkpoint["global_step"])
     return checkpoint
+
+
+def to_device(tree, device: torch.device):
+    """Every tensor in a nest of dicts, lists and tuples, on `device` (no copy where it already is)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {key: to_device(value, device) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_device(value, device) for value in tree)
+    return tree
 
 
 def restore_rng_of_rank(checkpoint: dict, env: DistEnv) -> None:

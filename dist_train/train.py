@@ -67,7 +67,7 @@ def settle_gradient_buckets(model: DDP, env, input_shape: torch.Size) -> None:
 
 def resume(config: Config, env, training: Training, ckpt_dir: Path) -> tuple[Progress, str | None]:
     """Load the checkpoint to resume from, if any: (where training continues, its wandb run id)."""
-    checkpoint = choose_resume_checkpoint(ckpt_dir, config.resume, env)
+    checkpoint = choose_resume_checkpoint(ckpt_dir, config.resume, env, config.read_once)
     if checkpoint is None:
         return Progress(), None
     changes = config_differences(checkpoint["config"], checkpoint["world_size"], config, env.world_size)
