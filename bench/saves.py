@@ -95,7 +95,8 @@ def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
 
 
 def first_step_wall(args: list[str]) -> float:
-    """Seconds from launch to the first logged step of a whole process."""
+    """Seconds from launch to the first logged step of a whole process (then killed: give each
+    launch its own run directory, or --max-failures counts the kills)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), *args], env=env,
@@ -123,7 +124,7 @@ def bench_resume(work: Path, model_name: str, rounds: int) -> None:
     ratios = []
     for i in range(rounds):
         fresh = first_step_wall(args + ["--run-dir", str(work / f"fresh_{i}")])
-        resumed = first_step_wall(args + ["--run-dir", str(work / "resumed"), "--allow-config-change",
+        resumed = first_step_wall(args + ["--run-dir", str(work / f"resumed_{i}"), "--allow-config-change",
                                           "--resume", str(next((source / "checkpoints").glob("step_*.pt")))])
         ratios.append(resumed / fresh)
     print(f"  (e) {model_name}, 1 process, time to the first step, resumed / fresh: {summary(ratios)} "
