@@ -46,6 +46,12 @@ class Config:
                                     "there in batches; loader: a DataLoader with --num-workers workers "
                                     "(the same batches, bit for bit)", choices=("device", "loader"))
     save_every_steps: int = _opt(200, "save every N optimizer steps (0: only at epoch ends)")
+    save_every_minutes: float = _opt(0.0, "also save every M minutes of wall time, at a step all ranks "
+                                          "agree on through the stop agreement (0: off)")
+    async_save: bool = _opt(True, "write checkpoints in a background thread from a copy taken at the step "
+                                  "(training goes on meanwhile; one write in flight at a time)")
+    read_once: bool = _opt(True, "on resume with several ranks, the main rank alone reads the checkpoint "
+                                 "and broadcasts it (else every rank reads the shared file)")
     keep: int = _opt(3, "number of newest checkpoints kept")
     resume: str | None = _opt(None, "resume from this checkpoint file instead of the newest valid one", type=str)
     amp: str = _opt("off", "mixed precision: bf16 autocast, or fp16 with a GradScaler (CUDA)",
@@ -225,6 +231,7 @@ EXACTNESS_FIELDS = frozenset({"model", "dataset", "fake_size", "batch_size", "se
 # `device` is here because what matters is the device type it resolves to, which the checkpoint's
 # environment records and checks; `data_dir` may move, the data in it must not.
 HARMLESS_FIELDS = frozenset({"run_dir", "data_dir", "download", "num_workers", "save_every_steps", "keep",
+                             "save_every_minutes", "async_save", "read_once",
                              "resume", "device", "eval", "log_every_steps", "stop_check_every_steps",
                              "log_level", "wandb_project", "wandb_entity", "wandb_name", "wandb_mode",
                              "allow_config_change", "max_requeues", "sweep_file", "data_path", "wandb_dir",
@@ -275,7 +282,7 @@ def sweep_overrides(path: str, environ) -> list[str]:
 
 def validate(config: Config) -> None:
     """Reject values that cannot train, before any process group exists."""
-    for name in ("lr", "momentum", "weight_decay", "hang_timeout"):
+    for name in ("lr", "momentum", "weight_decay", "hang_timeout", "save_every_minutes"):
         if not math.isfinite(getattr(config, name)):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(config, name)}")
     positive = ("epochs", "batch_size", "lr", "keep", "fake_size", "log_every_steps", "stop_check_every_steps")
@@ -283,7 +290,7 @@ def validate(config: Config) -> None:
         if getattr(config, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
     for name in ("num_workers", "save_every_steps", "weight_decay", "momentum", "max_requeues",
-                 "hang_timeout", "max_failures"):
+                 "hang_timeout", "max_failures", "save_every_minutes"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
     from dist_train.models import check_model_name

@@ -15,6 +15,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dist_train import exits
@@ -64,12 +66,37 @@ class StopFlag:
             self.signal_name = signal.Signals(signum).name
 
 
+@dataclass(frozen=True)
+class Agreed:
+    """What all ranks agreed on at a step boundary."""
+
+    request: int = NONE  # the strongest stop request of any rank
+    save_due: bool = False  # the main rank's clock says a timed save (--save-every-minutes) is due
+    save_failed: bool = False  # the main rank's background write failed (async_save.py)
+
+
+class SaveClock:
+    """Due once every `minutes` of wall time (0: never); restarts when it says so."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self._start = time.monotonic()
+
+    def due(self) -> bool:
+        if not self.seconds or time.monotonic() - self._start < self.seconds:
+            return False
+        self._start = time.monotonic()
+        return True
+
+
 class StopAgreement:
-    """Every rank learns the strongest stop request of all ranks at the same step boundary.
+    """Every rank learns the strongest stop request of all ranks at the same step boundary, and
+    whether the main rank wants a timed save or saw its background write fail.
 
     Every `every` steps a MAX all-reduce starts on a gloo group, asynchronously; the result is
     read `every` steps later, so the collective overlaps training and never waits for the GPU.
-    A stop therefore comes 1 to 2*`every` steps after the signal, at the same step on every rank.
+    A stop therefore comes 1 to 2*`every` steps after the signal, at the same step on every rank;
+    likewise a timed save, so that every rank enters the (collective) save at the same step.
     """
 
     def __init__(self, env: DistEnv, every: int = 1):
@@ -79,28 +106,33 @@ class StopAgreement:
         self._group = dist.new_group(backend="gloo") if env.distributed else None
         self._pending = None  # (work, tensor) of the all-reduce in flight
         self._boundaries = 0
+        self._save_due = self._save_failed = False  # to send at the next agreement
         self._launcher = os.getppid() if launched_by_torchrun() else None
 
-    def poll(self, local_request: int) -> int:
-        """Called at each step boundary on every rank; returns the request all ranks agree on."""
+    def poll(self, local_request: int, save_due: bool = False, save_failed: bool = False) -> Agreed:
+        """Called at each step boundary on every rank; returns what all ranks agree on."""
         if self._launcher is not None and os.getppid() != self._launcher:
             # The torchrun agent is gone (where PR_SET_PDEATHSIG is missing): save and stop.
             log.warning("the torchrun agent (PID %d) is gone: stopping", self._launcher)
             self._launcher, local_request = None, max(local_request, TERMINATE)
         if not self.env.distributed:
-            return local_request
+            return Agreed(local_request, save_due, save_failed)
         import torch
         import torch.distributed as dist
 
         self._boundaries += 1
+        # Kept until sent: the clock says "due" once, perhaps between two agreements.
+        self._save_due, self._save_failed = self._save_due or save_due, self._save_failed or save_failed
         if self._boundaries % self.every:
-            return NONE
-        agreed = NONE
+            return Agreed()
+        agreed = Agreed()
         if self._pending is not None:
             work, tensor = self._pending
             work.wait()
-            agreed = int(tensor.item())
-        tensor = torch.tensor([local_request], dtype=torch.int32)
+            request, due, failed = tensor.tolist()
+            agreed = Agreed(request, bool(due), bool(failed))
+        tensor = torch.tensor([local_request, int(self._save_due), int(self._save_failed)], dtype=torch.int32)
+        self._save_due = False
         self._pending = (dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._group, async_op=True),
                          tensor)
         return agreed

@@ -13,6 +13,7 @@ import torch
 
 from dist_train.checkpoint import (CheckpointError, FORMAT_VERSION, checkpoint_path, find_latest_valid,
                                    load_checkpoint, save_checkpoint)
+from dist_train.async_save import BackgroundWriter
 from dist_train.errors import DivergedError, SaveFailedError, UserError
 from dist_train.distributed import DistEnv, all_reduce_sum, broadcast_from_main, gather_to_main
 from dist_train.models import strip_wrapper_prefixes, unwrap
@@ -128,13 +129,14 @@ def capture_environment(device: torch.device) -> dict:
 
 def build_checkpoint(training: Training, progress: Progress, loss: float, rng_states: list[dict],
                      config: dict, world_size: int, wandb_run_id: str | None = None,
-                     environment: dict | None = None) -> dict:
-    """The general checkpoint of the recipe, plus everything an exact continuation needs."""
+                     environment: dict | None = None, to_host=to_cpu) -> dict:
+    """The general checkpoint of the recipe, plus everything an exact continuation needs.
+    to_host: how tensors reach the host (to_cpu, or an async save's Snapshot, which copies)."""
     scaler = training.scaler
     return {
         # The recipe's keys: its own loading code works on this dict unchanged.
-        "model_state_dict": to_cpu(strip_wrapper_prefixes(unwrap(training.model).state_dict())),
-        "optimizer_state_dict": to_cpu(training.optimizer.state_dict()),
+        "model_state_dict": to_host(strip_wrapper_prefixes(unwrap(training.model).state_dict())),
+        "optimizer_state_dict": to_host(training.optimizer.state_dict()),
         "epoch": progress.epoch,
         "loss": loss,
         # Exact continuation.
@@ -142,8 +144,8 @@ def build_checkpoint(training: Training, progress: Progress, loss: float, rng_st
         "global_step": progress.global_step,
         "next_epoch": progress.next_epoch,
         "next_batch": progress.next_batch,
-        "scheduler_state_dict": to_cpu(training.scheduler.state_dict()),
-        "scaler_state_dict": to_cpu(scaler.state_dict()) if scaler is not None else None,
+        "scheduler_state_dict": to_host(training.scheduler.state_dict()),
+        "scaler_state_dict": to_host(scaler.state_dict()) if scaler is not None else None,
         "rng_states": to_cpu(rng_states),  # one per rank, in rank order
         "world_size": world_size,
         "config": config,
@@ -201,12 +203,16 @@ def weights_are_finite(model: torch.nn.Module) -> bool:
 
 
 def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress: Progress,
-                        last_loss: float, config: dict, env: DistEnv, wandb_run_id: str | None = None) -> Path | None:
-    """Collective: every rank sends its RNG state, the main rank alone writes. Returns the path on the main rank.
+                        last_loss: float, config: dict, env: DistEnv, wandb_run_id: str | None = None,
+                        writer: BackgroundWriter | None = None, on_saved=None) -> Path | None:
+    """Collective: every rank sends its RNG state, the main rank alone writes. Returns the path on
+    the main rank once written; with a `writer`, the write goes to its background thread (after
+    the previous one), on_saved(path) is called from there, and None is returned.
 
     Nothing is written when the loss or the weights are not finite (DivergedError on every rank):
     a diverged checkpoint would push the last good ones out. A failed write (disk full, vanished
-    directory) raises SaveFailedError on every rank, older checkpoints untouched."""
+    directory) raises SaveFailedError on every rank, older checkpoints untouched; a failed
+    background write, at the next save or the next stop agreement (train.py)."""
     # One all-reduce both averages the loss and tells every rank whether any rank diverged.
     nonfinite = 0.0 if weights_are_finite(unwrap(training.model)) else 1.0
     loss_sum, nonfinite = all_reduce_sum([last_loss, nonfinite], env)
@@ -218,19 +224,33 @@ def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress:
     rng_states = gather_to_main(capture_rng_state(env.device), env)
     path, problem = None, None
     if env.is_main:
-        checkpoint = build_checkpoint(training, progress, loss_sum / env.world_size, rng_states,
-                                      config, env.world_size, wandb_run_id, capture_environment(env.device))
-        try:
-            path = save_checkpoint(checkpoint, ckpt_dir, keep)
-        except OSError as error:
-            problem = save_failure(error, checkpoint, ckpt_dir, keep)
-        except CheckpointError as error:  # a newer-format file where this one would go
-            problem = str(error)
+        problem = writer.wait() if writer is not None else None  # at most one write in flight
+        if problem is None:
+            checkpoint = build_checkpoint(training, progress, loss_sum / env.world_size, rng_states,
+                                          config, env.world_size, wandb_run_id, capture_environment(env.device),
+                                          to_host=writer.snapshot if writer is not None else to_cpu)
+            if writer is not None:
+                writer.submit(lambda: write_checkpoint(checkpoint, ckpt_dir, keep, on_saved)[1])
+            else:
+                path, problem = write_checkpoint(checkpoint, ckpt_dir, keep, on_saved)
     # No rank runs ahead (or reads, or prunes) while the main rank writes; all learn how it went.
     problem = broadcast_from_main(problem, env)
     if problem:
         raise SaveFailedError(problem)
     return path
+
+
+def write_checkpoint(checkpoint: dict, ckpt_dir: Path, keep: int, on_saved=None) -> tuple[Path | None, str | None]:
+    """save_checkpoint, with a failure as one line: (path, None) or (None, problem)."""
+    try:
+        path = save_checkpoint(checkpoint, ckpt_dir, keep)
+    except OSError as error:
+        return None, save_failure(error, checkpoint, ckpt_dir, keep)
+    except CheckpointError as error:  # a newer-format file where this one would go
+        return None, str(error)
+    if on_saved is not None:
+        on_saved(path)
+    return path, None
 
 
 def save_failure(error: OSError, checkpoint: dict, ckpt_dir: Path, keep: int) -> str:
@@ -257,16 +277,22 @@ def _mb(num_bytes: int) -> str:
     return f"{num_bytes / 1e6:.1f} MB"
 
 
-def choose_resume_checkpoint(ckpt_dir: Path, explicit: str | None, env: DistEnv) -> dict | None:
+def choose_resume_checkpoint(ckpt_dir: Path, explicit: str | None, env: DistEnv, read_once: bool = True) -> dict | None:
     """Collective: the main rank picks the file (explicit, else newest valid) and broadcasts its path;
     every rank has it loaded onto its own device (map_location: cuda:LOCAL_RANK or cpu), so nothing
-    of one rank lands on another rank's GPU. None for a fresh start."""
+    of one rank lands on another rank's GPU. None for a fresh start.
+
+    read_once (with world size > 1): the main rank alone reads the file, onto the CPU, and
+    broadcasts its contents; each rank then moves them to its own device. Without it every rank
+    reads the shared file (at 1,024 ranks, 1,024 reads of it)."""
+    read_once = read_once and env.distributed
+    where = "cpu" if read_once else env.device
     choice, problem, checkpoint = None, None, None
     if env.is_main:
         try:
             if explicit:
-                choice, checkpoint = explicit, load_checkpoint(Path(explicit), env.device)
-            elif found := find_latest_valid(ckpt_dir, env.device):
+                choice, checkpoint = explicit, load_checkpoint(Path(explicit), where)
+            elif found := find_latest_valid(ckpt_dir, where):
                 choice, checkpoint = str(found[0]), found[1]
         except CheckpointError as error:
             problem = str(error)
@@ -275,10 +301,23 @@ def choose_resume_checkpoint(ckpt_dir: Path, explicit: str | None, env: DistEnv)
         raise UserError(problem)
     if choice is None:
         return None
-    if checkpoint is None:  # the other ranks read the file the main rank chose
+    if read_once:
+        checkpoint = to_device(broadcast_from_main(checkpoint, env), env.device)
+    elif checkpoint is None:  # the other ranks read the file the main rank chose
         checkpoint = load_checkpoint(Path(choice), map_location=env.device)
     log.info("resuming from %s (epoch %d, step %d)", choice, checkpoint["epoch"], checkpoint["global_step"])
     return checkpoint
+
+
+def to_device(tree, device: torch.device):
+    """Every tensor in a nest of dicts, lists and tuples, on `device` (no copy where it already is)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {key: to_device(value, device) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_device(value, device) for value in tree)
+    return tree
 
 
 def restore_rng_of_rank(checkpoint: dict, env: DistEnv) -> None:

@@ -17,13 +17,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_train import data, distributed, exits, healing
+from dist_train.async_save import BackgroundWriter
 from dist_train.checkpoint import load_checkpoint, save_checkpoint
 from dist_train.config import Config, config_differences, environment_differences, parse_config
-from dist_train.errors import RUN_ERRORS, GaveUp, UserError
+from dist_train.errors import RUN_ERRORS, GaveUp, SaveFailedError, UserError
 from dist_train.loop import build_scheduler, evaluate, train_steps
 from dist_train.models import build_model, unwrap
-from dist_train.preemption import (INTERRUPT, NONE, TERMINATE, StopAgreement, StopFlag, requeue_slurm_job,
-                                   restart_count)
+from dist_train.preemption import (INTERRUPT, NONE, TERMINATE, SaveClock, StopAgreement, StopFlag,
+                                   requeue_slurm_job, restart_count)
 from dist_train.rundir import prepare_run_dir, write_config_file
 from dist_train.state import (Progress, Training, apply_checkpoint, apply_optimizer_settings, build_checkpoint,
                               capture_environment, choose_resume_checkpoint, rescale_progress,
@@ -66,7 +67,7 @@ def settle_gradient_buckets(model: DDP, env, input_shape: torch.Size) -> None:
 
 def resume(config: Config, env, training: Training, ckpt_dir: Path) -> tuple[Progress, str | None]:
     """Load the checkpoint to resume from, if any: (where training continues, its wandb run id)."""
-    checkpoint = choose_resume_checkpoint(ckpt_dir, config.resume, env)
+    checkpoint = choose_resume_checkpoint(ckpt_dir, config.resume, env, config.read_once)
     if checkpoint is None:
         return Progress(), None
     changes = config_differences(checkpoint["config"], checkpoint["world_size"], config, env.world_size)
@@ -110,7 +111,7 @@ def train(config: Config, stop_flag: StopFlag) -> int:
 
 def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path) -> int:
     env = distributed.setup(config.device, config.deterministic)
-    tracker = None
+    tracker, writer = None, BackgroundWriter()
     try:
         setup_logging(env.rank, config.log_level)
         log.info("%s", distributed.describe_placement(env))
@@ -135,14 +136,23 @@ def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path) -> int
             write_config_file(config)  # only now: a refused resume leaves the old one in place
         tracker = build_tracker(config, env.is_main, wandb_run_id)
 
-        def save(loss: float, why: str) -> None:
-            path = save_training_state(ckpt_dir, config.keep, training, progress, loss, config.to_dict(),
-                                       env, tracker.run_id)
-            if path:
-                log.info("saved checkpoint %s (epoch %d, step %d, %s)", path, progress.epoch,
-                         progress.global_step, why)
-                tracker.log("checkpoint", {"step": progress.global_step, "epoch": progress.epoch},
-                            progress.global_step)
+        def save(loss: float, why: str, blocking: bool = False) -> None:
+            """blocking: written before it returns (a stop, the end of training), else in the
+            background when --async-save."""
+            epoch, step = progress.epoch, progress.global_step
+
+            def announce(path: Path) -> None:  # from the writer thread when asynchronous
+                log.info("saved checkpoint %s (epoch %d, step %d, %s)", path, epoch, step, why)
+
+            background = writer if config.async_save and not blocking else None
+            if blocking:
+                problem = writer.wait() if env.is_main else None
+                if problem:  # the write in flight failed: say so rather than hide it behind this save
+                    log.error("%s", problem)
+            save_training_state(ckpt_dir, config.keep, training, progress, loss, config.to_dict(),
+                                env, tracker.run_id, background, announce)
+            if env.is_main:
+                tracker.log("checkpoint", {"step": step, "epoch": epoch}, step)
 
         def save_alone() -> Path | None:
             """A survivor's checkpoint of the last finished step, written without the other ranks."""
@@ -150,6 +160,9 @@ def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path) -> int
             if not (math.isfinite(loss) and weights_are_finite(unwrap(training.model))):
                 log.error("not saving after the fault: the loss or the weights are not finite")
                 return None
+            problem = writer.wait()  # the write in flight (main rank) first: one writer at a time
+            if problem:
+                log.error("%s", problem)
             rng_states = [rng_state_at_step(config.seed, r, progress.global_step) for r in range(env.world_size)]
             checkpoint = build_checkpoint(training, progress, loss, rng_states, config.to_dict(), env.world_size,
                                           tracker.run_id, capture_environment(env.device))
@@ -159,7 +172,7 @@ def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path) -> int
         agreement = StopAgreement(env, config.stop_check_every_steps)
         try:
             request = run_epochs(config, env, training, progress, train_loader, test_loader,
-                                 stop_flag, agreement, save, tracker, healer)
+                                 stop_flag, agreement, save, tracker, healer, writer)
             agreement.close()
         except RuntimeError as error:
             if not healer.peer_failed(error):
@@ -181,6 +194,7 @@ def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path) -> int
         requeued = requeue_slurm_job(config.max_requeues) if env.is_main else None
         return exits.COMPLETE if distributed.broadcast_from_main(requeued, env) else exits.STOPPED
     finally:
+        writer.close()  # whatever ended the run, the write in flight completes (before the lock goes)
         stop_flag.ignore_from_now_on()
         if tracker is not None:
             tracker.finish()
@@ -208,7 +222,7 @@ def log_peak_gpu_memory(env, when: str) -> None:
 
 
 def run_epochs(config, env, training, progress, train_loader, test_loader, stop_flag, agreement, save,
-               tracker, healer) -> int:
+               tracker, healer, writer) -> int:
     """The epoch loop; returns the stop request all ranks agreed on (NONE when training finished)."""
     sampler = train_loader.sampler
 
@@ -217,6 +231,7 @@ def run_epochs(config, env, training, progress, train_loader, test_loader, stop_
             seed_step(config.seed, env.rank, progress.global_step, env.device)
         healer.phase(phase, progress.global_step)
 
+    clock = SaveClock(config.save_every_minutes if env.is_main else 0)  # the main rank's clock decides
     report = ProgressReport(env.is_main, config.log_every_steps, env.world_size, config.batch_size)
     for epoch in range(progress.next_epoch, config.epochs):
         sampler.set_epoch(epoch, start_batch=progress.next_batch)
@@ -237,16 +252,18 @@ def run_epochs(config, env, training, progress, train_loader, test_loader, stop_
                 tracker.log("train", {"loss": loss, "lr": lr, "samples_per_sec": rate}, progress.global_step)
             healer.after_step(progress.global_step)
             healer.phase(AGREEING)
-            request = agreement.poll(stop_flag.request)
-            if request != NONE:
+            agreed = agreement.poll(stop_flag.request, clock.due(), writer.failed())
+            if agreed.save_failed:  # a background write failed: every rank stops here, as for a sync save
+                raise SaveFailedError(writer.wait() or "the main rank could not write a checkpoint")
+            if agreed.request != NONE:
                 report.end_epoch()
                 healer.phase(SAVING)
-                save(loss_tensor.item(), f"stop requested by {stop_flag.signal_name or 'another rank'}")
-                return request
-            if config.save_every_steps and progress.global_step % config.save_every_steps == 0 \
-                    and not end_of_epoch:
+                save(loss_tensor.item(), f"stop requested by {stop_flag.signal_name or 'another rank'}", True)
+                return agreed.request
+            periodic = config.save_every_steps and progress.global_step % config.save_every_steps == 0
+            if (periodic or agreed.save_due) and not end_of_epoch:
                 healer.phase(SAVING)
-                save(loss_tensor.item(), "periodic")
+                save(loss_tensor.item(), "periodic" if periodic else "timed")
         report.end_epoch()
         if config.eval:
             healer.phase(EVALUATING)
@@ -254,7 +271,7 @@ def run_epochs(config, env, training, progress, train_loader, test_loader, stop_
             log.info("epoch %d eval loss %.4f accuracy %.4f", epoch, eval_loss, accuracy)
             tracker.log("eval", {"loss": eval_loss, "accuracy": accuracy}, progress.global_step)
         healer.phase(SAVING)
-        save(loss, "end of epoch")  # and so at the end of training
+        save(loss, "end of epoch", blocking=epoch == config.epochs - 1)  # and so at the end of training
         healer.epoch_done(progress.next_epoch)
     return NONE
 

@@ -243,3 +243,24 @@ def test_a_failed_write_leaves_no_temp_file_and_replaces_nothing(tmp_path):
         write_atomically(checkpoint_path(tmp_path, 10), full_disk)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", first.name]
     assert broken["global_step"] == 10
+
+
+def _bytes_read() -> int:
+    """read() bytes of this process so far, page cache included (/proc/self/io rchar)."""
+    for line in open("/proc/self/io"):
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def test_a_save_does_not_read_back_the_files_it_keeps(tmp_path):
+    """Pruning keeps the newest --keep files that verify; the ones this process wrote (or verified
+    once) are known good and not read again, so a save costs the write and no more."""
+    for step in (5, 10, 15):
+        save_checkpoint(trained_checkpoint(step), tmp_path, keep=3)
+    checkpoint = trained_checkpoint(20)
+    size = checkpoint_path(tmp_path, 15).stat().st_size
+    before = _bytes_read()
+    save_checkpoint(checkpoint, tmp_path, keep=3)
+    assert _bytes_read() - before < size // 2
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"step_{s:09d}.pt" for s in (20, 15, 10)]

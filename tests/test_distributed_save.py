@@ -25,8 +25,7 @@ def _rank_main(rank: int, tmp: str, port: int) -> None:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         training = Training(model, optimizer, build_scheduler(optimizer, "constant", 1))
         torch.save(capture_rng_state(env.device), f"{tmp}/rng_{rank}.pt")
-        # Each rank is handed its own directory (made, as prepare_run_dir does): only rank 0's may
-        # receive a file.
+        # Each rank is handed its own directory: only rank 0's may receive a file.
         os.makedirs(f"{tmp}/ckpt_{rank}")
         path = save_training_state(f"{tmp}/ckpt_{rank}", 2, training, Progress(global_step=3),
                                    float(rank), {}, env)
@@ -39,7 +38,7 @@ def test_only_rank_zero_writes_and_every_rank_rng_is_gathered(tmp_path):
     from conftest import assert_bitwise_equal, free_port
 
     mp.start_processes(_rank_main, args=(str(tmp_path), free_port()), nprocs=2, start_method="spawn")
-    assert not any((tmp_path / "ckpt_1").iterdir())
+    assert not list((tmp_path / "ckpt_1").iterdir())
     checkpoint = load_checkpoint(tmp_path / "ckpt_0" / "step_000000003.pt")
     assert checkpoint["world_size"] == 2 and checkpoint["loss"] == 0.5  # mean over ranks of 0 and 1
     for rank in (0, 1):

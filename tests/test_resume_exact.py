@@ -4,6 +4,7 @@ uninterrupted run ends. Real processes, real SIGKILL of the whole process group.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from conftest import SMALL_RUN, Launch, assert_same_training_state, kill_and_resume, newest_checkpoint, run
@@ -63,18 +64,30 @@ def test_killed_four_rank_run_resumes_bit_exactly(session_dir):
     assert_same_training_state(final, newest_checkpoint(reference))
 
 
-def test_kill_inside_a_save_leaves_a_loadable_checkpoint_and_resumes_bit_exactly(session_dir):
-    """resnet18's checkpoint (~90 MB with momentum) takes long enough to write that the kill is
-    aimed at the instant its temp file exists."""
-    args = ["--device", "cpu", "--model", "resnet18", "--dataset", "fake", "--fake-size", "96", "--batch-size", "8",
-            "--epochs", "1", "--num-workers", "2", "--save-every-steps", "4", "--log-every-steps", "1",
-            "--no-eval"]
-    reference = session_dir / "resnet_reference"
-    run(args + ["--run-dir", str(reference)])
+@pytest.fixture(scope="session")
+def resnet_reference(session_dir) -> Path:
+    run_dir = session_dir / "resnet_reference"
+    run(RESNET_RUN + ["--run-dir", str(run_dir)])
+    return run_dir
 
-    run_dir = session_dir / "resnet_killed"
+
+RESNET_RUN = ["--device", "cpu", "--model", "resnet18", "--dataset", "fake", "--fake-size", "96", "--batch-size",
+              "8", "--epochs", "1", "--num-workers", "2", "--save-every-steps", "4", "--log-every-steps", "1",
+              "--no-eval"]
+
+
+@pytest.mark.parametrize("mode", ["--no-async-save", "--async-save"])
+def test_kill_inside_a_save_leaves_a_loadable_checkpoint_and_resumes_bit_exactly(mode, resnet_reference,
+                                                                                 session_dir):
+    """resnet18's checkpoint (~90 MB with momentum) takes long enough to write that the kill is
+    aimed at the instant its temp file exists: inside the save, or (--async-save) while the
+    background thread writes it and training goes on."""
+    args = RESNET_RUN + [mode]
+    reference = resnet_reference
+
+    run_dir = session_dir / f"resnet_killed{mode}"
     ckpt_dir = run_dir / "checkpoints"
-    launch = Launch(args + ["--run-dir", str(run_dir)], session_dir / "resnet_killed.log")
+    launch = Launch(args + ["--run-dir", str(run_dir)], session_dir / f"resnet_killed{mode}.log")
     launch.wait_for(r"saved checkpoint .*step_000000004")  # one complete checkpoint exists
     deadline = time.monotonic() + 120
     while not list(ckpt_dir.glob(".step_*.tmp")):  # the next save has begun

@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import (REPO, SMALL_RUN, Launch, assert_same_training_state, launch_command, newest_checkpoint,
@@ -68,12 +69,15 @@ def _with_file_size_limit(limit: int):
     return preexec
 
 
-def test_a_failed_save_removes_its_temp_file_keeps_older_checkpoints_and_says_why(tmp_path):
+@pytest.mark.parametrize("mode", ["--async-save", "--no-async-save"])
+def test_a_failed_save_removes_its_temp_file_keeps_older_checkpoints_and_says_why(mode, tmp_path):
+    """A periodic save fails: written in the background (--async-save), the failure stops the run
+    at the next step with the same line and exit code as a synchronous one."""
     run_dir = tmp_path / "run"
     args = TINY + ["--epochs", "1", "--keep", "2", "--run-dir", str(run_dir)]
     run(args)
     before = {p.name: p.read_bytes() for p in list_checkpoints(run_dir / "checkpoints")}
-    more = args + ["--epochs", "2", "--allow-config-change"]
+    more = args + ["--epochs", "2", "--allow-config-change", "--save-every-steps", "1", mode]
     result = subprocess.run(launch_command(more), env=python_env(), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, timeout=300,
                             preexec_fn=_with_file_size_limit(100_000))  # a checkpoint is ~520 kB

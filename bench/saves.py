@@ -1,0 +1,168 @@
+"""What saving and resuming cost, as ratios to references measured side by side in one run.
+
+    python bench/saves.py              # ~3 minutes on 2 CPU cores
+    python bench/saves.py --model resnet50 --rounds 7
+
+(c) A synchronous save (checkpoint.save_checkpoint: temp file, fsync, rename, `latest`, prune)
+    against `dd ... conv=fsync` of the same number of bytes.
+(d) The loop time an asynchronous save costs (snapshot + the slowdown of the steps that run
+    while the background thread writes, + any wait at the end), against dd+fsync of the same bytes.
+(e) Time to the first logged step of a whole process: resumed from a checkpoint / fresh.
+(f) Bytes read (/proc/self/io rchar) per resume per rank, 4 ranks (gloo), --read-once on and off.
+(g) The stop agreement's cost per step (bench/agreement_overhead.py under torchrun, 2 ranks).
+Interleaved rounds; medians with min-max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from bench.throughput import describe_machine, summary  # noqa: E402
+from dist_train.async_save import BackgroundWriter  # noqa: E402
+from dist_train.checkpoint import save_checkpoint  # noqa: E402
+from dist_train.models import build_model  # noqa: E402
+from dist_train.state import write_checkpoint  # noqa: E402
+
+
+def dd_fsync(path: Path, num_bytes: int) -> float:
+    start = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={-(-num_bytes // (1 << 20))}",
+                    "conv=fsync"], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def training_state(model_name: str):
+    model = build_model(model_name)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    inputs, targets = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+
+    def step() -> None:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+
+    step()
+    return model, optimizer, step
+
+
+def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
+    model, optimizer, step = training_state(model_name)
+    writer = BackgroundWriter()
+
+    def checkpoint(n: int, to_host=lambda t: t) -> dict:
+        return {"model_state_dict": to_host(model.state_dict()), "optimizer_state_dict":
+                to_host(optimizer.state_dict()), "global_step": n}
+
+    ckpt_dir = work / "ckpt"
+    ckpt_dir.mkdir()
+    size = save_checkpoint(checkpoint(0), ckpt_dir, 2).stat().st_size
+    sync, lost, n = [], [], 0
+    for _ in range(rounds):
+        n += 1
+        start = time.perf_counter()
+        save_checkpoint(checkpoint(n), ckpt_dir, 2)
+        sync_time = time.perf_counter() - start
+        dd = dd_fsync(work / "dd", size)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        bare = time.perf_counter() - start
+        n += 1
+        start = time.perf_counter()
+        snapshot = checkpoint(n, writer.snapshot)
+        writer.submit(lambda: write_checkpoint(snapshot, ckpt_dir, 2)[1])
+        for _ in range(steps):
+            step()
+        assert writer.wait() is None
+        lost.append((time.perf_counter() - start - bare) / dd)
+        sync.append(sync_time / dd)
+    print(f"\n{model_name} + momentum checkpoint, {size / 1e6:.1f} MB, {rounds} interleaved rounds; "
+          f"dd+fsync median {dd:.3f} s in the last round")
+    print(f"  (c) sync save (write, fsync, rename, latest, prune) / dd+fsync: {summary(sync)}")
+    print(f"  (d) loop time lost per async save ({steps} steps around it) / dd+fsync: {summary(lost)}")
+
+
+def first_step_wall(args: list[str]) -> float:
+    """Seconds from launch to the first logged step of a whole process (then killed: give each
+    launch its own run directory, or --max-failures counts the kills)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(r"step \d+ batch", line):
+            wall = time.perf_counter() - start
+            break
+    else:
+        sys.exit("error: no step logged:\n" + "".join(lines[-10:]))
+    proc.kill()
+    proc.wait()
+    return wall
+
+
+def bench_resume(work: Path, model_name: str, rounds: int) -> None:
+    args = ["--device", "cpu", "--model", model_name, "--dataset", "fake", "--fake-size", "64", "--batch-size", "8",
+            "--epochs", "2", "--num-workers", "0", "--log-every-steps", "1", "--no-eval", "--save-every-steps", "0"]
+    source = work / "resume_source"
+    subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *args, "--epochs", "1", "--run-dir",
+                    str(source)],
+                   env=dict(os.environ, PYTHONPATH=str(REPO)), check=True, capture_output=True)
+    ratios = []
+    for i in range(rounds):
+        fresh = first_step_wall(args + ["--run-dir", str(work / f"fresh_{i}")])
+        resumed = first_step_wall(args + ["--run-dir", str(work / f"resumed_{i}"), "--allow-config-change",
+                                          "--resume", str(next((source / "checkpoints").glob("step_*.pt")))])
+        ratios.append(resumed / fresh)
+    print(f"  (e) {model_name}, 1 process, time to the first step, resumed / fresh: {summary(ratios)} "
+          f"({rounds} rounds)")
+
+
+def bench_reads() -> None:
+    sys.path.insert(0, str(REPO / "tests"))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", str(REPO / "tests" / "test_read_once.py")],
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO, capture_output=True, text=True)
+    for line, mode in zip(re.findall(r"bytes read per rank: .*", out.stdout), ("--read-once", "--no-read-once")):
+        print(f"  (f) 4 ranks, {mode:15}: {line}")
+
+
+def bench_agreement() -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               str(REPO / "bench" / "agreement_overhead.py")]
+    out = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        print(f"  (g) {line.strip()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=6, help="training steps around each async save")
+    args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)
+    torch.set_num_threads(1)
+    print(describe_machine())
+    with tempfile.TemporaryDirectory() as tmp:
+        bench_saves(Path(tmp), args.model, args.rounds, args.steps)
+        bench_resume(Path(tmp), args.model, args.rounds)
+    bench_reads()
+    bench_agreement()
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

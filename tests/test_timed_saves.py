@@ -1,0 +1,49 @@
+"""--save-every-minutes: the main rank's clock decides, the stop agreement carries it, so every
+rank enters the (collective) save at the same step; a run with timed saves resumes bit for bit."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import SMALL_RUN, assert_same_training_state, free_port, kill_and_resume, newest_checkpoint
+
+from dist_train.distributed import DistEnv
+from dist_train.preemption import NONE, StopAgreement
+
+
+def _rank_main(rank: int, tmp: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        agreement = StopAgreement(DistEnv(rank, rank, 2, torch.device("cpu")), every=2)
+        saved_at = []
+        for step in range(1, 30):
+            due = rank == 0 and step in (3, 4, 11)  # only the main rank's clock counts
+            if agreement.poll(NONE, save_due=due).save_due:
+                saved_at.append(step)
+        agreement.close()
+        torch.save(saved_at, f"{tmp}/saved_at_{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_learns_of_a_timed_save_at_the_same_step(tmp_path):
+    mp.start_processes(_rank_main, args=(str(tmp_path), free_port()), nprocs=2, start_method="spawn")
+    saved_at = [torch.load(tmp_path / f"saved_at_{rank}.pt") for rank in (0, 1)]
+    assert saved_at[0] == saved_at[1]
+    assert saved_at[0] == [6, 14]  # sent at the agreement of steps 4 and 12, read 2 steps later
+
+
+def test_a_two_rank_run_with_timed_saves_resumes_bit_exactly(reference_ws2, tmp_path):
+    run_dir = tmp_path / "run"
+    args = SMALL_RUN + ["--run-dir", str(run_dir), "--data-path", "device", "--save-every-steps", "0",
+                        "--save-every-minutes", "0.0001", "--stop-check-every-steps", "1"]
+    outputs = kill_and_resume(args, run_dir, kill_after_steps=[9], nproc=2)
+    assert "timed)" in outputs[0] and "resuming from" in outputs[1]
+    resumed_from = int(outputs[1].split("resuming from")[1].split("step_")[1][:9])
+    assert 0 < resumed_from < 12  # a timed save mid-epoch 0 (no periodic saves in this run)
+    assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference_ws2))
