@@ -80,3 +80,18 @@ def test_a_failed_rank_costs_no_step_under_torchrun(kind, reference_ws2, session
     assert len(trained) - len(set(trained)) == 0, "a step was trained twice"
     assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference_ws2))
     print(f"\n{kind}: fault to the first step after recovery {recovery:.0f} s, 0 steps trained twice")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--hang-timeout", "nan"], "--hang-timeout must be a finite number"),
+    (["--hang-timeout", "inf"], "--hang-timeout must be a finite number"),
+    (["--hang-timeout", "-1"], "--hang-timeout must not be negative"),
+    (["--max-failures", "-1"], "--max-failures must not be negative"),
+    (["--max-failures", "two"], "invalid int value"),
+])
+def test_careless_healing_flags_are_one_line_errors(flags, message, tmp_path):
+    from dist_train.config import UserError, parse_config
+
+    with pytest.raises(UserError, match=message):
+        parse_config(flags + ["--run-dir", str(tmp_path / "run")], environ={})
+    assert not (tmp_path / "run").exists()
