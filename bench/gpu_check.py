@@ -2,6 +2,7 @@
 
     python bench/gpu_check.py                          # all visible GPUs (and 1), resnet18
     DEVICE=cpu MODEL=net python bench/gpu_check.py     # the same checks on CPU (1 and 2 ranks, gloo)
+    LOGS=DIR python bench/gpu_check.py                 # keep the runs' logs and checkpoints in DIR
 
 For each world size (1, and the number of visible GPUs) and each precision (fp32, bf16, fp16 with
 a GradScaler; fp16 on CUDA only), and in fp32 with the DataLoader path too (whose result must also
@@ -178,7 +179,8 @@ def main() -> int:
     precisions = ["fp32", "loader", "bf16"] + (["fp16"] if DEVICE == "cuda" else [])
     ok, started = True, time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = Path(os.environ.get("LOGS") or tmp)  # LOGS=DIR keeps the runs' logs and checkpoints
+        work.mkdir(parents=True, exist_ok=True)
         for nproc in sorted({1, visible}):
             for precision in precisions:
                 try:

@@ -33,7 +33,7 @@ from bench.throughput import describe_machine, summary  # noqa: E402
 from dist_train.async_save import BackgroundWriter  # noqa: E402
 from dist_train.checkpoint import save_checkpoint  # noqa: E402
 from dist_train.models import build_model  # noqa: E402
-from dist_train.state import write_checkpoint  # noqa: E402
+from dist_train.state import to_cpu, write_checkpoint  # noqa: E402
 
 
 def dd_fsync(path: Path, num_bytes: int) -> float:
@@ -44,14 +44,18 @@ def dd_fsync(path: Path, num_bytes: int) -> float:
 
 
 def training_state(model_name: str):
-    model = build_model(model_name)
+    """On the GPU where there is one (the snapshot then copies into pinned buffers), else the CPU."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(model_name).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    inputs, targets = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    inputs, targets = torch.randn(8, 3, 32, 32, device=device), torch.randint(0, 10, (8,), device=device)
 
     def step() -> None:
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(inputs), targets).backward()
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # time the work, not its queueing
 
     step()
     return model, optimizer, step
@@ -61,18 +65,25 @@ def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
     model, optimizer, step = training_state(model_name)
     writer = BackgroundWriter()
 
-    def checkpoint(n: int, to_host=lambda t: t) -> dict:
+    def checkpoint(n: int, to_host=to_cpu) -> dict:  # a sync save copies to the CPU as the template does
         return {"model_state_dict": to_host(model.state_dict()), "optimizer_state_dict":
                 to_host(optimizer.state_dict()), "global_step": n}
 
     ckpt_dir = work / "ckpt"
     ckpt_dir.mkdir()
     size = save_checkpoint(checkpoint(0), ckpt_dir, 2).stat().st_size
+    # Enough steps around an async save that they outlast its write, as a save interval does in
+    # training (the next save waits for the write in flight): a GPU step takes milliseconds.
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    step_time = (time.perf_counter() - start) / steps
+    steps = max(steps, int(2 * dd_fsync(work / "dd", size) / step_time) + 1)
     sync, lost, n = [], [], 0
     for _ in range(rounds):
         n += 1
         start = time.perf_counter()
-        save_checkpoint(checkpoint(n), ckpt_dir, 2)
+        save_checkpoint(checkpoint(n), ckpt_dir, 2)  # the copy to the CPU counted in
         sync_time = time.perf_counter() - start
         dd = dd_fsync(work / "dd", size)
         start = time.perf_counter()
@@ -91,7 +102,8 @@ def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
     print(f"\n{model_name} + momentum checkpoint, {size / 1e6:.1f} MB, {rounds} interleaved rounds; "
           f"dd+fsync median {dd:.3f} s in the last round")
     print(f"  (c) sync save (write, fsync, rename, latest, prune) / dd+fsync: {summary(sync)}")
-    print(f"  (d) loop time lost per async save ({steps} steps around it) / dd+fsync: {summary(lost)}")
+    print(f"  (d) loop time lost per async save ({steps} steps around it, {step_time * 1e3:.1f} ms each) "
+          f"/ dd+fsync: {summary(lost)}")
 
 
 def first_step_wall(args: list[str]) -> float:
@@ -151,7 +163,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=6, help="training steps around each async save")
+    parser.add_argument("--steps", type=int, default=6,
+                        help="training steps around each async save, at least (more if the write lasts longer)")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
     torch.set_num_threads(1)
