@@ -80,7 +80,7 @@ class WandbTracker:
             return {}
 
     def _write_state(self) -> None:
-        # Replaced atomically but not fsynced (unlike checkpoint.write_atomically): it is written at
+        # Replaced atomically but not fsynced (unlike durable.write_atomically): it is written at
         # every logged step, and a process kill, unlike a power loss, keeps the page cache.
         tmp = self._state_path.with_name(".wandb.json.tmp")
         tmp.write_text(json.dumps({"run_id": self.run_id, "logged": self._logged}))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,8 @@ import torch
 
 from conftest import assert_bitwise_equal
 from dist_train.checkpoint import (CheckpointError, NewerFormatError, checkpoint_path, find_latest_valid,
-                                   list_checkpoints, load_checkpoint, read_latest_marker, save_checkpoint)
+                                   list_checkpoints, load_checkpoint, read_latest_marker, save_checkpoint,
+                                   wait_for_pruning)
 from dist_train.config import UserError
 from dist_train.distributed import DistEnv
 from dist_train.loop import build_scheduler
@@ -91,12 +94,25 @@ def test_wrapper_prefixes_are_stripped_for_ddp_and_compile(tmp_path):
         dist.destroy_process_group()
 
 
-def test_latest_marker_and_pruning_keep_the_newest(tmp_path):
+def test_latest_marker_and_pruning_keep_the_newest(tmp_path, monkeypatch):
+    unlinked_on = []
+    real_unlink = Path.unlink
+
+    def unlink(path, missing_ok=False):
+        unlinked_on.append(threading.current_thread().name)
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
     for step in (5, 10, 15, 20):
         save_checkpoint(trained_checkpoint(step), tmp_path, keep=2)
+        # The pruned file stops being a checkpoint before the save returns...
+        assert len(list_checkpoints(tmp_path)) == min(2, step // 5)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000020.pt", "step_000000015.pt"]
     assert read_latest_marker(tmp_path) == checkpoint_path(tmp_path, 20)
-    assert not list(tmp_path.glob(".*.tmp"))
+    wait_for_pruning()
+    # ...and its blocks are freed in the background, by the time wait_for_pruning returns.
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_000000015.pt", "step_000000020.pt"]
+    assert unlinked_on == ["checkpoint-pruner"] * 2
 
 
 def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
@@ -238,7 +254,7 @@ def test_a_failed_write_leaves_no_temp_file_and_replaces_nothing(tmp_path):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    from dist_train.checkpoint import write_atomically
+    from dist_train.durable import write_atomically
     with pytest.raises(OSError):
         write_atomically(checkpoint_path(tmp_path, 10), full_disk)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", first.name]

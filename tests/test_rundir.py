@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from dist_train.checkpoint import temp_path
+from dist_train.durable import temp_path
 from dist_train.errors import UserError
 from dist_train.rundir import RunDirLock, prepare_run_dir
 
