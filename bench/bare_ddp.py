@@ -36,21 +36,27 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()  # as the template's --device auto: cuda:LOCAL_RANK, nccl
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
     if world_size > 1:
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if cuda else "gloo")
     torch.manual_seed(0)
     transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                            T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
     dataset = CIFAR10(args.data_dir, train=True, transform=transform)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers)
-    model = build_model(args.model)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=cuda)
+    model = build_model(args.model).to(device)
     if world_size > 1:
         model = DDP(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
         for inputs, targets in loader:
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(inputs), targets).backward()
             optimizer.step()

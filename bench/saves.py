@@ -1,10 +1,11 @@
 """What saving and resuming cost, as ratios to references measured side by side in one run.
 
     python bench/saves.py              # ~3 minutes on 2 CPU cores
-    python bench/saves.py --model resnet50 --rounds 7
+    python bench/saves.py --model resnet18 resnet50 --rounds 7
 
-(c) A synchronous save (checkpoint.save_checkpoint: temp file, fsync, rename, `latest`, prune)
-    against `dd ... conv=fsync` of the same number of bytes.
+(c) A synchronous save (checkpoint.save_checkpoint: temp file, fsync, rename, `latest`, prune;
+    the pruned file's unlink runs in the background) against `dd ... conv=fsync` of the same
+    number of bytes.
 (d) The loop time an asynchronous save costs (snapshot + the slowdown of the steps that run
     while the background thread writes, + any wait at the end), against dd+fsync of the same bytes.
 (e) Time to the first logged step of a whole process: resumed from a checkpoint / fresh.
@@ -29,9 +30,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.throughput import describe_machine, summary  # noqa: E402
+from bench.throughput import describe_machine, record, write_figures  # noqa: E402
 from dist_train.async_save import BackgroundWriter  # noqa: E402
-from dist_train.checkpoint import save_checkpoint  # noqa: E402
+from dist_train.checkpoint import save_checkpoint, wait_for_pruning  # noqa: E402
 from dist_train.models import build_model  # noqa: E402
 from dist_train.state import to_cpu, write_checkpoint  # noqa: E402
 
@@ -85,6 +86,7 @@ def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
         start = time.perf_counter()
         save_checkpoint(checkpoint(n), ckpt_dir, 2)  # the copy to the CPU counted in
         sync_time = time.perf_counter() - start
+        wait_for_pruning()  # the unlink of the pruned file, in the background, before dd starts
         dd = dd_fsync(work / "dd", size)
         start = time.perf_counter()
         for _ in range(steps):
@@ -101,9 +103,11 @@ def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
         sync.append(sync_time / dd)
     print(f"\n{model_name} + momentum checkpoint, {size / 1e6:.1f} MB, {rounds} interleaved rounds; "
           f"dd+fsync median {dd:.3f} s in the last round")
-    print(f"  (c) sync save (write, fsync, rename, latest, prune) / dd+fsync: {summary(sync)}")
+    what = f"{model_name} + momentum ({size / 1e6:.0f} MB)"
+    print(f"  (c) sync save (write, fsync, rename, latest, prune) / dd+fsync: "
+          f"{record('c', f'{what}: sync save / dd+fsync', sync, '<= 1.1')}")
     print(f"  (d) loop time lost per async save ({steps} steps around it, {step_time * 1e3:.1f} ms each) "
-          f"/ dd+fsync: {summary(lost)}")
+          f"/ dd+fsync: {record('d', f'{what}: loop time lost per async save / dd+fsync', lost, '<= 0.2')}")
 
 
 def first_step_wall(args: list[str]) -> float:
@@ -139,7 +143,8 @@ def bench_resume(work: Path, model_name: str, rounds: int) -> None:
         resumed = first_step_wall(args + ["--run-dir", str(work / f"resumed_{i}"), "--allow-config-change",
                                           "--resume", str(next((source / "checkpoints").glob("step_*.pt")))])
         ratios.append(resumed / fresh)
-    print(f"  (e) {model_name}, 1 process, time to the first step, resumed / fresh: {summary(ratios)} "
+    figure = record("e", f"{model_name}, 1 process: time to the first step, resumed / fresh", ratios, "<= 1.1")
+    print(f"  (e) {model_name}, 1 process, time to the first step, resumed / fresh: {figure} "
           f"({rounds} rounds)")
 
 
@@ -149,6 +154,11 @@ def bench_reads() -> None:
                          env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO, capture_output=True, text=True)
     for line, mode in zip(re.findall(r"bytes read per rank: .*", out.stdout), ("--read-once", "--no-read-once")):
         print(f"  (f) 4 ranks, {mode:15}: {line}")
+        ranks, size = re.search(r"\[([\d, ]+)\] file: (\d+)", line).groups()
+        ranks = [int(r) / int(size) for r in ranks.split(",")]
+        record("f", f"4 ranks, {mode}: bytes read by the main rank / the file's size", ranks[:1])
+        record("f", f"4 ranks, {mode}: bytes read by another rank (most) / the file's size", [max(ranks[1:])],
+               "<= 0.1" if mode == "--read-once" else "")
 
 
 def bench_agreement() -> None:
@@ -157,24 +167,34 @@ def bench_agreement() -> None:
     out = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)
     for line in out.stdout.splitlines():
         print(f"  (g) {line.strip()}")
+        found = re.search(r"(\w+): .* ratio to none ([\d.]+)", line)
+        if found and found.group(1) != "none":
+            name = {"async_every_10": "every 10 steps (the default)", "asynchronous": "every step",
+                    "blocking": "a blocking all-reduce per step, for comparison"}.get(found.group(1), found.group(1))
+            record("g", f"stop agreement, 2 ranks, Net, {name}: step time / no agreement (median of 15 rounds)",
+                   [float(found.group(2))])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--model", nargs="+", default=["resnet18"], help="(c), (d) for each; (e) for the first")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=6,
                         help="training steps around each async save, at least (more if the write lasts longer)")
+    parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
     torch.set_num_threads(1)
     print(describe_machine())
+    for model in args.model:
+        with tempfile.TemporaryDirectory() as tmp:
+            bench_saves(Path(tmp), model, args.rounds, args.steps)
     with tempfile.TemporaryDirectory() as tmp:
-        bench_saves(Path(tmp), args.model, args.rounds, args.steps)
-        bench_resume(Path(tmp), args.model, args.rounds)
+        bench_resume(Path(tmp), args.model[0], args.rounds)
     bench_reads()
     bench_agreement()
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+    write_figures(args.json)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,23 @@ def summary(values: list[float]) -> str:
     return f"{statistics.median(values):6.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
+FIGURES: list[dict] = []  # every figure of this run, for --json (bench/all.py builds its table from them)
+
+
+def record(figure: str, what: str, values: list[float], target: str = "") -> str:
+    """Keep a figure (its ratios over the rounds) and return its summary for printing.
+    target: '>= x' or '<= x', the issue's target for this figure, if it has one."""
+    FIGURES.append({"figure": figure, "what": what, "median": statistics.median(values), "min": min(values),
+                    "max": max(values), "rounds": len(values), "target": target})
+    return summary(values)
+
+
+def write_figures(path: str | None) -> None:
+    if path:
+        import json
+        Path(path).write_text(json.dumps({"machine": describe_machine(), "figures": FIGURES}, indent=1))
+
+
 def describe_machine() -> str:
     import torchvision
 
@@ -115,12 +132,15 @@ def bench_loaders(data_dir: Path, fake_size: int, rounds: int) -> None:
         for path in ("loader", "device"):
             ratios = [rate / ref for rate, ref in zip(rates[f"{dataset} {path}"], reference)]
             where = f" ({device})" if path == "device" else ""
-            print(f"  {dataset:8} template {path + where:14} / bare: {summary(ratios)}")
+            figure = record("b", f"train loader, {dataset}, --data-path {path}{where} / bare torchvision loader",
+                            ratios, ">= 0.95")
+            print(f"  {dataset:8} template {path + where:14} / bare: {figure}")
         ratios = [d / loader for d, loader in zip(rates[f"{dataset} device"], rates[f"{dataset} loader"])]
-        print(f"  {dataset:8} device path / loader path:  {summary(ratios)}")
+        print(f"  {dataset:8} device path / loader path:  "
+              f"{record('b', f'train loader, {dataset}, device path / loader path', ratios)}")
     if torch.cuda.is_available():
-        print(f"  cifar10 device path: {statistics.median(rates['cifar10 device']):.0f} samples/s, "
-              f"peak GPU memory {torch.cuda.max_memory_allocated() / 1e6:.0f} MB")
+        print(f"  cifar10 device path: {record('b', 'cifar10 device path, samples/s', rates['cifar10 device'])} "
+              f"samples/s, peak GPU memory {torch.cuda.max_memory_allocated() / 1e6:.0f} MB")
 
 
 # (a) whole processes -------------------------------------------------------------------------------
@@ -143,12 +163,17 @@ def torchrun(script: str, args: list[str], nproc: int) -> float:
     return wall
 
 
+def world_sizes() -> list[int]:
+    """1 and 2 ranks; on a GPU machine one rank per GPU, so 2 only where there are two GPUs."""
+    return [1, 2] if not torch.cuda.is_available() else sorted({1, min(2, torch.cuda.device_count())})
+
+
 def bench_processes(data_dir: Path, work: Path, model: str, rounds: int) -> None:
     common = ["--data-dir", str(data_dir), "--model", model, "--epochs", "1", "--batch-size", "64",
               "--num-workers", "1"]
     walls: dict[tuple, list[float]] = {}
     for round_ in range(rounds):
-        for nproc in (1, 2):
+        for nproc in world_sizes():
             walls.setdefault(("bare", nproc), []).append(torchrun(
                 str(REPO / "bench" / "bare_ddp.py"), common + ["--out", str(work / "bare.pt")], nproc))
             for path in ("loader", "device"):
@@ -159,10 +184,12 @@ def bench_processes(data_dir: Path, work: Path, model: str, rounds: int) -> None
                               "--no-eval", "--save-every-steps", "0", "--log-every-steps", "100000"], nproc))
     print(f"\n(a) {model}, whole processes (torchrun), {rounds} interleaved rounds: throughput ratio "
           f"template / bare DDP loop (= bare wall / template wall), median (min-max)")
-    for nproc in (1, 2):
+    for nproc in world_sizes():
         for path in ("loader", "device"):
             ratios = [bare / ours for bare, ours in zip(walls[("bare", nproc)], walls[(path, nproc)])]
-            print(f"  {nproc} rank{'s' if nproc > 1 else ' '}  --data-path {path:6}: {summary(ratios)}")
+            figure = record("a", f"{model}, {nproc} rank(s), --data-path {path}: throughput / bare DDP loop",
+                            ratios, ">= 0.98")
+            print(f"  {nproc} rank{'s' if nproc > 1 else ' '}  --data-path {path:6}: {figure}")
 
 
 def main() -> None:
@@ -174,6 +201,7 @@ def main() -> None:
     parser.add_argument("--resnet18", action="store_true", help="also resnet18 whole-process runs")
     parser.add_argument("--resnet18-images", type=int, default=1024, help="training images of those")
     parser.add_argument("--skip-processes", action="store_true", help="only the loaders")
+    parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # each figure as soon as it is measured
     print(describe_machine())
@@ -188,6 +216,7 @@ def main() -> None:
                 small = write_cifar10(work / "small", per_batch=args.resnet18_images // 5, test_size=64)
                 bench_processes(small, work, "resnet18", args.rounds)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+    write_figures(args.json)
 
 
 if __name__ == "__main__":
