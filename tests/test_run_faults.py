@@ -5,6 +5,7 @@ odd files in checkpoints/."""
 from __future__ import annotations
 
 import os
+import re
 import resource
 import shutil
 import signal
@@ -87,6 +88,24 @@ def test_a_failed_save_removes_its_temp_file_keeps_older_checkpoints_and_says_wh
     ckpt_dir = run_dir / "checkpoints"
     assert not [p for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")]
     assert {p.name: p.read_bytes() for p in list_checkpoints(ckpt_dir)} == before
+
+
+def test_a_failed_background_write_stops_every_rank_through_the_agreement(tmp_path):
+    """2 ranks, --async-save: the save at step 40 fails in the background; the stop agreement
+    carries the failure to every rank within 2 x --stop-check-every-steps, long before the next
+    save (step 80) would have found it."""
+    args = TINY + ["--fake-size", "2560", "--epochs", "1", "--save-every-steps", "40", "--async-save",
+                   "--run-dir", str(tmp_path / "run")]  # 80 steps, one epoch: saves at 40 and at the end
+    result = subprocess.run(launch_command(args, nproc=2), env=python_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=300,
+                            preexec_fn=_with_file_size_limit(100_000))
+    assert result.returncode != 0, result.stdout[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "error:" in line]
+    assert lines and all("could not save checkpoint" in line and "File too large" in line for line in lines), lines
+    assert "exitcode  : 4" in result.stdout or "exitcode: 4" in result.stdout, result.stdout[-3000:]
+    steps = [int(step) for step in re.findall(r"step (\d+) batch", result.stdout)]
+    assert 40 <= max(steps) < 80, max(steps)
+    assert not list_checkpoints(tmp_path / "run" / "checkpoints")
 
 
 def test_a_run_directory_that_vanishes_mid_run_stops_the_run(tmp_path):
