@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -179,8 +180,12 @@ def slurm_job_to_requeue(environ=os.environ) -> str | None:
     return environ.get("SLURM_JOB_ID")
 
 
+REQUEUE_TRIES, REQUEUE_PAUSE_S = 3, 2.0  # a busy slurmctld answers some calls with an error
+
+
 def requeue_slurm_job(max_requeues: int, timeout: float = 30.0) -> bool:
-    """`scontrol requeue` this job (after the checkpoint is written: it kills the job at once)."""
+    """`scontrol requeue` this job (after the checkpoint is written: it kills the job at once).
+    A failed call is tried again (REQUEUE_TRIES in all); a missing scontrol or a timeout is not."""
     job = slurm_job_to_requeue()
     if job is None:
         log.warning("SIGUSR1 outside a SLURM job: checkpoint saved, nothing to requeue")
@@ -190,16 +195,40 @@ def requeue_slurm_job(max_requeues: int, timeout: float = 30.0) -> bool:
                     "relaunch to resume", job, restart_count(), max_requeues)
         return False
     log.info("requeueing SLURM job %s (restart %d)", job, restart_count() + 1)
+    for attempt in range(1, REQUEUE_TRIES + 1):
+        try:
+            problem = _scontrol_requeue(job, timeout)
+        except FileNotFoundError:
+            log.error("scontrol not found: job %s not requeued; the checkpoint is saved, resubmit to resume", job)
+            return False
+        except subprocess.TimeoutExpired:
+            log.error("scontrol requeue %s timed out after %.0fs; the checkpoint is saved", job, timeout)
+            return False
+        if problem is None:
+            return True
+        if attempt < REQUEUE_TRIES:
+            log.warning("scontrol requeue %s failed (%s); trying again in %.0fs", job, problem, REQUEUE_PAUSE_S)
+            time.sleep(REQUEUE_PAUSE_S)
+    log.error("scontrol requeue %s failed (%s); the checkpoint is saved, resubmit to resume", job, problem)
+    return False
+
+
+def _scontrol_requeue(job: str, timeout: float) -> str | None:
+    """One `scontrol requeue`: None if it succeeded, else what it said.
+
+    SIGUSR1 is ignored while it runs, by scontrol too (an ignored signal stays ignored across
+    exec): SLURM's --signal and `scancel --signal` reach every process of the step, and a second
+    USR1 would kill scontrol mid-call (seen here: a requeue that failed without a word)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN) if in_main_thread else None
     try:
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError:
-        log.error("scontrol not found: job %s not requeued; the checkpoint is saved, resubmit to resume", job)
-        return False
-    except subprocess.TimeoutExpired:
-        log.error("scontrol requeue %s timed out after %.0fs; the checkpoint is saved", job, timeout)
-        return False
-    if result.returncode != 0:
-        log.error("scontrol requeue %s failed (%s); the checkpoint is saved, resubmit to resume",
-                  job, (result.stderr or result.stdout).strip())
-        return False
-    return True
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGUSR1, previous)
+    if result.returncode == 0:
+        return None
+    said = (result.stderr or result.stdout).strip()
+    if result.returncode < 0:
+        return said or f"killed by {signal.Signals(-result.returncode).name}"
+    return said or f"exit {result.returncode}"

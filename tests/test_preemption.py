@@ -11,6 +11,7 @@ import pytest
 
 from dist_train.config import UserError, default_run_dir, parse_config
 from dist_train.distributed import discover_ranks
+from dist_train import preemption
 from dist_train.preemption import NONE, REQUEUE, TERMINATE, StopFlag, requeue_slurm_job
 
 
@@ -48,11 +49,31 @@ def test_requeue_says_plainly_when_scontrol_is_missing_or_fails(monkeypatch, tmp
     assert "scontrol not found" in caplog.text and "checkpoint is saved" in caplog.text
 
     failing = tmp_path / "scontrol"
-    failing.write_text("#!/bin/sh\necho 'Invalid job id specified' >&2\nexit 1\n")
+    failing.write_text(f"#!/bin/sh\necho x >> {tmp_path}/calls\necho 'Invalid job id specified' >&2\nexit 1\n")
     failing.chmod(0o755)
+    monkeypatch.setattr(preemption, "REQUEUE_PAUSE_S", 0.0)
     caplog.clear()
     assert requeue_slurm_job(max_requeues=3) is False
     assert "scontrol requeue 12345 failed (Invalid job id specified)" in caplog.text
+    assert len((tmp_path / "calls").read_text().split()) == preemption.REQUEUE_TRIES
+
+
+def test_requeue_survives_a_usr1_during_scontrol_and_a_busy_controller(monkeypatch, tmp_path, caplog):
+    """SLURM signals every process of the step: a second USR1 must not kill scontrol; and a
+    controller that fails a call (busy: socket timed out) is asked again."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.setenv("SLURM_JOB_ID", "12345")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(preemption, "REQUEUE_PAUSE_S", 0.0)
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text("#!/bin/sh\nkill -USR1 $$\nexit 0\n")  # as the step's second USR1 would
+    scontrol.chmod(0o755)
+    assert requeue_slurm_job(max_requeues=3) is True
+    scontrol.write_text(f"#!/bin/sh\n[ -e {tmp_path}/once ] && exit 0\n: > {tmp_path}/once\n"
+                        "echo 'Socket timed out on send/recv operation' >&2\nexit 1\n")
+    assert requeue_slurm_job(max_requeues=3) is True
+    assert "failed (Socket timed out on send/recv operation); trying again" in caplog.text
 
 
 def test_requeue_targets_the_array_task_and_stops_at_max_requeues(monkeypatch, tmp_path, caplog):
