@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from dist_train.augment import CropFlipNormalize, Normalize, as_uint8_chw
+from dist_train.augment import CropFlipNormalize, Normalize
 from dist_train.config import Config, UserError
 from dist_train.distributed import DistEnv, barrier
 
@@ -62,19 +62,6 @@ class InMemoryImages(Dataset):
     def __getitem__(self, index: int):
         image = self.images[index]
         return (self.transform(image) if self.transform else image), int(self.targets[index])
-
-
-def materialize(dataset: Dataset) -> InMemoryImages:
-    """Every (image, target) of `dataset`, read once.
-
-    For FakeData: it seeds the global RNG to draw each image (torch.manual_seed, which also
-    reseeds CUDA), so it is read here, once, at start-up, inside a fork of the RNG, and never
-    while training."""
-    devices = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        pairs = [dataset[i] for i in range(len(dataset))]
-    images = torch.stack([as_uint8_chw(image) for image, _ in pairs])
-    return InMemoryImages(images, torch.tensor([int(target) for _, target in pairs]))
 
 
 def fake_data(size: int, random_offset: int = 0, image_size=(3, 32, 32), num_classes: int = 10) -> InMemoryImages:

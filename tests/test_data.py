@@ -14,7 +14,8 @@ from torchvision.datasets import FakeData
 from dist_train.augment import Normalize
 from dist_train.config import Config
 from dist_train.data import (CIFAR10_MEAN, CIFAR10_STD, ResumableSampler, SeededAugmentation, build_datasets,
-                             build_train_loader, materialize, train_transform)
+                             build_train_loader, train_transform)
+from dist_train.device_data import stack_images
 from dist_train.distributed import DistEnv
 
 
@@ -67,7 +68,7 @@ def test_crops_and_flips_are_uniform():
 
 def test_augmentation_is_torchvisions_crop_flip_and_normalize_to_the_bit():
     """The same crop and flip done by torchvision on the PIL image, then ToTensor + Normalize."""
-    images = materialize(FakeData(32, (3, 32, 32), 10)).images
+    images, _ = stack_images(FakeData(32, (3, 32, 32), 10))
     augmentation = train_transform()
     normalize = T.Compose([T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
     flips = set()
@@ -175,5 +176,6 @@ def test_fake_data_is_torchvisions_fakedata_to_the_bit():
     from dist_train.data import fake_data
 
     for offset in (0, 384):
-        ours, theirs = fake_data(20, random_offset=offset), materialize(FakeData(20, (3, 32, 32), 10, random_offset=offset))
-        assert torch.equal(ours.images, theirs.images) and torch.equal(ours.targets, theirs.targets)
+        ours, (images, targets) = fake_data(20, random_offset=offset), stack_images(FakeData(20, (3, 32, 32), 10,
+                                                                                         random_offset=offset))
+        assert torch.equal(ours.images, images) and torch.equal(ours.targets, targets)
