@@ -271,12 +271,12 @@ def prune_checkpoints(ckpt_dir: Path, keep: int, protect: Path) -> list[Path]:
                 good += 1
             continue
         if path != protect and not _is_newer_format(path):
-            doomed.append(temp_path(path))
+            tmp = temp_path(path)
             try:
-                os.replace(path, doomed[-1])
+                os.replace(path, tmp)
             except FileNotFoundError:  # removed by someone else meanwhile
-                doomed.pop()
                 continue
+            doomed.append(tmp)
             removed.append(path)
     if doomed:
         global _deleter
