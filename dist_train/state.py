@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from dist_train.checkpoint import (CheckpointError, FORMAT_VERSION, checkpoint_path, find_latest_valid,
-                                   load_checkpoint, save_checkpoint)
+                                   load_checkpoint, save_checkpoint, tensors)
 from dist_train.async_save import BackgroundWriter
 from dist_train.errors import DivergedError, SaveFailedError, UserError
 from dist_train.distributed import DistEnv, all_reduce_sum, broadcast_from_main, gather_to_main
@@ -230,7 +230,7 @@ def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress:
                                           config, env.world_size, wandb_run_id, capture_environment(env.device),
                                           to_host=writer.snapshot if writer is not None else to_cpu)
             if writer is not None:
-                writer.submit(lambda: write_checkpoint(checkpoint, ckpt_dir, keep, on_saved)[1])
+                writer.submit(lambda: write_checkpoint(checkpoint, ckpt_dir, keep, on_saved, pipelined=False)[1])
             else:
                 path, problem = write_checkpoint(checkpoint, ckpt_dir, keep, on_saved)
     # No rank runs ahead (or reads, or prunes) while the main rank writes; all learn how it went.
@@ -240,10 +240,11 @@ def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress:
     return path
 
 
-def write_checkpoint(checkpoint: dict, ckpt_dir: Path, keep: int, on_saved=None) -> tuple[Path | None, str | None]:
+def write_checkpoint(checkpoint: dict, ckpt_dir: Path, keep: int, on_saved=None,
+                     pipelined: bool = True) -> tuple[Path | None, str | None]:
     """save_checkpoint, with a failure as one line: (path, None) or (None, problem)."""
     try:
-        path = save_checkpoint(checkpoint, ckpt_dir, keep)
+        path = save_checkpoint(checkpoint, ckpt_dir, keep, pipelined)
     except OSError as error:
         return None, save_failure(error, checkpoint, ckpt_dir, keep)
     except CheckpointError as error:  # a newer-format file where this one would go
@@ -255,22 +256,11 @@ def write_checkpoint(checkpoint: dict, ckpt_dir: Path, keep: int, on_saved=None)
 
 def save_failure(error: OSError, checkpoint: dict, ckpt_dir: Path, keep: int) -> str:
     """One line: what failed, and how much room the checkpoints need."""
-    size = sum(t.numel() * t.element_size() for t in _tensors(checkpoint))
+    size = sum(t.numel() * t.element_size() for t in tensors(checkpoint))
     path = checkpoint_path(ckpt_dir, checkpoint["global_step"])
     return (f"could not save checkpoint {path}: {error.strerror or error}; the temp file is removed and "
             f"the older checkpoints are kept. A save needs about {_mb(size * (keep + 1))} free "
             f"(checkpoint ~{_mb(size)} x (--keep {keep} + 1))")
-
-
-def _tensors(value):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
 
 
 def _mb(num_bytes: int) -> str:
