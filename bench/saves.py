@@ -182,9 +182,10 @@ def bench_agreement() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", nargs="+", default=["resnet18"], help="(c), (d) for each; (e) for the first")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=6,
-                        help="training steps around each async save, at least (more if the write lasts longer)")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=2,
+                        help="training steps around each async save, at least (more if the write lasts longer);"
+                             " (d) is a difference of two timings, and its noise grows with their length")
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
