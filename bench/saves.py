@@ -17,6 +17,7 @@ Interleaved rounds; medians with min-max.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import subprocess
@@ -76,14 +77,22 @@ def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
     ckpt_dir = work / "ckpt"
     ckpt_dir.mkdir()
     size = save_checkpoint(checkpoint(0), ckpt_dir, 2).stat().st_size
-    # Enough steps around an async save that they outlast its write, as a save interval does in
-    # training (the next save waits for the write in flight): a GPU step takes milliseconds.
+    save_checkpoint(checkpoint(1), ckpt_dir, 2)  # two files: from now on every save prunes one
+    # Enough steps around an async save that they outlast its background work (the write, then
+    # the pruned file's unlink), as a save interval does in training: what is measured is then the
+    # steps' slowdown, not a wait at the end. Calibrated on one async save while training.
     start = time.perf_counter()
     for _ in range(steps):
         step()
     step_time = (time.perf_counter() - start) / steps
-    steps = max(steps, int(2 * dd_fsync(work / "dd", size) / step_time) + 1)
-    sync, lost, n = [], [], 0
+    snapshot = checkpoint(2, writer.snapshot)
+    start = time.perf_counter()
+    writer.submit(lambda: write_checkpoint(snapshot, ckpt_dir, 2, pipelined=False)[1] or wait_for_pruning())
+    while writer._thread.is_alive():
+        step()
+    assert writer.wait() is None
+    steps = max(steps, math.ceil(1.5 * (time.perf_counter() - start) / step_time))
+    sync, lost, n = [], [], 2
     for _ in range(rounds):
         n += 1
         start = time.perf_counter()
