@@ -3,7 +3,7 @@
     python bench/saves.py              # ~3 minutes on 2 CPU cores
     python bench/saves.py --model resnet18 resnet50 --rounds 7
 
-(c) A synchronous save (checkpoint.save_checkpoint: temp file, fsync, rename, `latest`, prune;
+(c) A synchronous save (saving.save_checkpoint: temp file, fsync, rename, `latest`, prune;
     the pruned file's unlink runs in the background) against `dd ... conv=fsync` of the same
     number of bytes.
 (d) The loop time an asynchronous save costs (snapshot + the slowdown of the steps that run
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from bench.throughput import describe_machine, record, write_figures  # noqa: E402
 from dist_train.async_save import BackgroundWriter  # noqa: E402
-from dist_train.checkpoint import save_checkpoint, wait_for_pruning  # noqa: E402
+from dist_train.saving import save_checkpoint, wait_for_pruning  # noqa: E402
 from dist_train.models import build_model  # noqa: E402
 from dist_train.state import to_cpu, write_checkpoint  # noqa: E402
 

@@ -3,7 +3,7 @@
 The snapshot copies every tensor of the checkpoint into host buffers (pinned on CUDA) that are
 reused from one save to the next, so that training may change the weights while the file is
 written. The background thread writes, fsyncs, renames, moves `latest` and prunes, exactly as a
-synchronous save does (checkpoint.save_checkpoint): a SIGKILL at any instant leaves the previous
+synchronous save does (saving.save_checkpoint): a SIGKILL at any instant leaves the previous
 checkpoint as it was. At most one write is in flight: the next save waits for it, and so does
 every way out of the run (a stop, the end of training, a survivor's save, an error).
 """

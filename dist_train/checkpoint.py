@@ -1,6 +1,6 @@
-"""The on-disk format: atomic writes, digests, the `latest` marker, finding the newest valid file, pruning.
+"""The on-disk format, read side: names, the `latest` marker, digests, loading, the newest valid file.
 
-This module decides how a checkpoint is written and read; the training script decides when.
+saving.py writes what this module reads; the training script decides when.
 A checkpoint is a dict of tensors and plain values that loads with `torch.load(weights_only=True)`.
 """
 
@@ -10,13 +10,11 @@ import logging
 import os
 import re
 import stat
-import threading
 import zipfile
 from pathlib import Path
 
 import torch
 
-from dist_train.durable import fsync_dir, temp_path, write_atomically
 from dist_train.errors import CheckpointError, NewerFormatError, UserError
 
 log = logging.getLogger(__name__)
@@ -48,34 +46,6 @@ def is_regular_file(path: Path) -> bool:
         return False
 
 
-def save_checkpoint(checkpoint: dict, ckpt_dir: Path, keep: int, pipelined: bool = True) -> Path:
-    """Write atomically, then move the `latest` marker to it, then prune to the newest `keep`.
-
-    The directory must exist (prepare_run_dir makes it): a run directory that vanished mid-run
-    is an error, not something to quietly recreate. pipelined: serialise (the CRC32s) on this
-    thread while a second one writes, for a save the loop waits for; a save that already runs in
-    the background keeps to one thread, as a second would take the core the training runs on
-    (README, Throughput: faster saves, but more loop time lost)."""
-    ckpt_dir = Path(ckpt_dir)
-    path = checkpoint_path(ckpt_dir, checkpoint["global_step"])
-    if path.exists() and _is_newer_format(path):
-        raise NewerFormatError(f"{path}: written by a newer dist_train; not overwriting it")
-    # The checkpoint's CPU tensors stay unchanged until the save returns (the caller waits, or
-    # wrote them in a snapshot): their bytes are written from where they lie, see durable._Writer.
-    write_atomically(path, lambda f: torch.save(checkpoint, f), fsync_directory=False,
-                     stable=memory_ranges(checkpoint) if pipelined else None)
-    _remember(path, FORMAT_VERSION)  # written and fsynced here: pruning need not read it again
-    # The marker is a hint for people and tools: a resume lists the files (find_latest_valid). So
-    # it is not fsynced on its own (a crash may leave it stale or empty, which reads as no
-    # marker), and one directory fsync makes both renames durable: a save costs one journal
-    # commit for its metadata, not four.
-    write_atomically(ckpt_dir / LATEST, lambda f: f.write(path.name.encode() + b"\n"),
-                     fsync_file=False, fsync_directory=False)
-    fsync_dir(ckpt_dir)
-    prune_checkpoints(ckpt_dir, keep, protect=path)
-    return path
-
-
 def tensors(tree):
     """Every tensor in a nest of dicts, lists and tuples."""
     if isinstance(tree, torch.Tensor):
@@ -86,12 +56,6 @@ def tensors(tree):
     elif isinstance(tree, (list, tuple)):
         for value in tree:
             yield from tensors(value)
-
-
-def memory_ranges(tree) -> list[tuple[int, int]]:
-    """(start, end) addresses of the storages of the CPU tensors in a nest."""
-    storages = (t.untyped_storage() for t in tensors(tree) if t.device.type == "cpu")
-    return [(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in storages]
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -217,52 +181,6 @@ def find_latest_valid(ckpt_dir: Path, map_location="cpu") -> tuple[Path, dict] |
     return None
 
 
-# What this process already knows of a file, keyed by its identity (inode, size, mtime): a file
-# it wrote, or verified once, is not read again at every prune (a save would otherwise read up to
-# --keep files back). A file changed since (another inode, size or mtime) is verified afresh.
-_verdicts: dict[Path, tuple[tuple, str]] = {}
-GOOD, BROKEN, NEWER = "good", "broken", "newer"
-
-
-def _identity(path: Path) -> tuple | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _remember(path: Path, version: int) -> None:
-    identity = _identity(path)
-    if identity is not None:
-        _verdicts[Path(path)] = (identity, NEWER if version > FORMAT_VERSION else GOOD)
-
-
-def _verdict(path: Path) -> str:
-    identity = _identity(path)
-    known = _verdicts.get(Path(path))
-    if known is not None and known[0] == identity:
-        return known[1]
-    try:
-        load_checkpoint(path, mmap=True)
-        verdict = GOOD
-    except NewerFormatError:
-        verdict = NEWER
-    except CheckpointError:
-        verdict = BROKEN
-    if identity is not None:
-        _verdicts[Path(path)] = (identity, verdict)
-    return verdict
-
-
-def _is_newer_format(path: Path) -> bool:
-    return _verdict(path) == NEWER
-
-
-def _is_good(path: Path) -> bool:
-    return _verdict(path) == GOOD
-
-
 def resolve_checkpoint(target: str, map_location="cpu") -> tuple[Path, dict]:
     """A checkpoint file, or for a run directory the checkpoint a resume would take."""
     path = Path(target)
@@ -273,63 +191,3 @@ def resolve_checkpoint(target: str, map_location="cpu") -> tuple[Path, dict]:
             raise UserError(f"{target}: no checkpoint in {ckpt_dir}")
         return found
     return path, load_checkpoint(path, map_location)
-
-
-def prune_checkpoints(ckpt_dir: Path, keep: int, protect: Path) -> list[Path]:
-    """Delete all checkpoints older than the newest `keep` good ones.
-
-    Only files that verify count toward `keep` (a broken file never takes a slot); `protect`
-    (the one just written) always stays; a file of a newer format is never deleted. Every file
-    this code writes holds finite weights (see state.check_finite), so the newest finite one stays.
-
-    A doomed file is renamed to a temp name at once (no longer a checkpoint), and unlinked in a
-    background thread: freeing a large file's blocks takes ext4 about as long as writing a third
-    of it (65 ms for 90 MB here), which a save need not wait for. A process killed before the
-    unlink leaves a temp file that the next start clears away (remove_stale_temp_files).
-    """
-    wait_for_pruning()
-    removed, doomed, good = [], [], 0
-    for path in list_checkpoints(ckpt_dir):  # newest first
-        if good < keep:
-            if path == protect or _is_good(path):
-                good += 1
-            continue
-        if path != protect and not _is_newer_format(path):
-            tmp = temp_path(path)
-            try:
-                os.replace(path, tmp)
-            except FileNotFoundError:  # removed by someone else meanwhile
-                continue
-            doomed.append(tmp)
-            removed.append(path)
-    if doomed:
-        global _deleter
-        # Not a daemon: the interpreter finishes the unlinks before it exits.
-        _deleter = threading.Thread(target=_unlink_all, args=(doomed,), name="checkpoint-pruner")
-        _deleter.start()
-    return removed
-
-
-_deleter: threading.Thread | None = None
-
-
-def _unlink_all(paths: list[Path]) -> None:
-    for path in paths:
-        try:
-            path.unlink(missing_ok=True)
-        except OSError:  # the next start removes what is left (remove_stale_temp_files)
-            pass
-
-
-def wait_for_pruning() -> None:
-    """Until the files of the last prune are deleted."""
-    if _deleter is not None:
-        _deleter.join()
-
-
-def remove_stale_temp_files(directory: Path) -> None:
-    """Temp files left by a save that was killed midway are never loaded; clear them away.
-    Call only while holding the run directory's lock: another writer's temp file may be live."""
-    for tmp in Path(directory).glob(".*.tmp"):
-        if not tmp.is_dir():
-            tmp.unlink(missing_ok=True)

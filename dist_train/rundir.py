@@ -14,7 +14,8 @@ import os
 import socket
 from pathlib import Path
 
-from dist_train.checkpoint import LATEST, is_regular_file, remove_stale_temp_files, step_in_name
+from dist_train.checkpoint import LATEST, is_regular_file, step_in_name
+from dist_train.saving import remove_stale_temp_files
 from dist_train.durable import write_atomically
 from dist_train.errors import SaveFailedError, UserError
 

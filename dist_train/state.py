@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from dist_train.checkpoint import (CheckpointError, FORMAT_VERSION, checkpoint_path, find_latest_valid,
-                                   load_checkpoint, save_checkpoint, tensors)
+                                   load_checkpoint, tensors)
+from dist_train.saving import save_checkpoint
 from dist_train.async_save import BackgroundWriter
 from dist_train.errors import DivergedError, SaveFailedError, UserError
 from dist_train.distributed import DistEnv, all_reduce_sum, broadcast_from_main, gather_to_main

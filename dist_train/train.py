@@ -18,7 +18,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_train import data, distributed, exits, healing
 from dist_train.async_save import BackgroundWriter
-from dist_train.checkpoint import load_checkpoint, save_checkpoint
+from dist_train.checkpoint import load_checkpoint
+from dist_train.saving import save_checkpoint
 from dist_train.config import Config, config_differences, environment_differences, parse_config
 from dist_train.errors import RUN_ERRORS, GaveUp, SaveFailedError, UserError
 from dist_train.loop import build_scheduler, evaluate, train_steps

@@ -14,12 +14,12 @@ import torch
 
 from conftest import assert_bitwise_equal
 from dist_train.checkpoint import (CheckpointError, NewerFormatError, checkpoint_path, find_latest_valid,
-                                   list_checkpoints, load_checkpoint, read_latest_marker, save_checkpoint,
-                                   wait_for_pruning)
+                                   list_checkpoints, load_checkpoint, read_latest_marker)
 from dist_train.config import UserError
 from dist_train.distributed import DistEnv
 from dist_train.loop import build_scheduler
 from dist_train.models import Net, build_model, strip_wrapper_prefixes, unwrap
+from dist_train.saving import save_checkpoint, wait_for_pruning
 from dist_train.state import (Progress, Training, apply_checkpoint, build_checkpoint, capture_rng_state,
                               choose_resume_checkpoint, restore_rng_state)
 

@@ -180,7 +180,7 @@ def test_inspect_and_evaluate_refuse_a_file_that_is_not_a_checkpoint(tmp_path, c
 def test_every_command_verifies_the_digest(tmp_path, capsys):
     from test_checkpoint import entry_offsets, flip_byte, trained_checkpoint
 
-    from dist_train.checkpoint import save_checkpoint
+    from dist_train.saving import save_checkpoint
 
     ckpt_dir = tmp_path / "run" / "checkpoints"
     ckpt_dir.mkdir(parents=True)

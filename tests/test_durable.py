@@ -10,7 +10,7 @@ import textwrap
 import torch
 
 from conftest import REPO, python_env
-from dist_train.checkpoint import memory_ranges
+from dist_train.saving import memory_ranges
 from dist_train.durable import write_atomically
 
 
@@ -55,7 +55,7 @@ def test_a_write_that_fails_in_the_writer_thread_raises_its_oserror_and_leaves_n
         from pathlib import Path
         import torch
         sys.path.insert(0, {str(REPO)!r})
-        from dist_train.checkpoint import save_checkpoint
+        from dist_train.saving import save_checkpoint
         ckpt_dir = Path({str(tmp_path)!r})
         def checkpoint(step, numel):
             return {{"model_state_dict": {{"w": torch.randn(numel)}}, "global_step": step}}

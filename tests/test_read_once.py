@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 
 from conftest import assert_bitwise_equal, free_port
 
-from dist_train.checkpoint import checkpoint_path, save_checkpoint
+from dist_train.checkpoint import checkpoint_path
+from dist_train.saving import save_checkpoint
 from dist_train.distributed import DistEnv
 from dist_train.state import choose_resume_checkpoint
 
