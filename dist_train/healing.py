@@ -2,7 +2,7 @@
 and count failures so that a run that keeps failing stops asking to be restarted.
 
 In DDP every rank holds the same model, optimizer, scheduler and scaler state, and every step
-reseeds each rank's RNG from (seed, rank, step) (state.seed_step), so any surviving rank can
+reseeds each rank's RNG from (seed, rank, step) (rng.seed_step), so any surviving rank can
 write a complete checkpoint of the last finished step, provided its own state is not mid-step:
 it must be blocked waiting for a peer (in the gradient all-reduce, the stop agreement, a save or
 the evaluation), never between two parameter updates. The restart resumes from that file like

@@ -1,14 +1,12 @@
-"""What a resume needs beyond weights: counters, every rank's RNG streams, and the checkpoint dict."""
+"""What a resume needs beyond weights: counters, the checkpoint dict, and where to resume from (RNG streams: rng.py)."""
 
 from __future__ import annotations
 
 import logging
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dist_train.checkpoint import (CheckpointError, FORMAT_VERSION, checkpoint_path, find_latest_valid,
@@ -18,6 +16,7 @@ from dist_train.async_save import BackgroundWriter
 from dist_train.errors import DivergedError, SaveFailedError, UserError
 from dist_train.distributed import DistEnv, all_reduce_sum, broadcast_from_main, gather_to_main
 from dist_train.models import strip_wrapper_prefixes, unwrap
+from dist_train.rng import capture_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -42,68 +41,6 @@ class Training:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None = None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of one rank's torch generators for one step."""
-    return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % (1 << 63)
-
-
-def seed_step(seed: int, rank: int, step: int, device: torch.device) -> None:
-    """Every step starts from torch generators fixed by (seed, rank, step) alone (dropout and the
-    like draw from them), so that any rank can write a checkpoint that continues every rank's
-    streams exactly (see healing.py). The generators are seeded directly: torch.manual_seed costs
-    about 1 ms, as it visits every device type; this costs microseconds."""
-    torch.default_generator.manual_seed(step_seed(seed, rank, step))
-    if device.type == "cuda":
-        torch.cuda.default_generators[device.index].manual_seed(step_seed(seed, rank, step))
-
-
-def rng_state_at_step(seed: int, rank: int, step: int) -> dict:
-    """The RNG states a rank has at a step boundary, computed by any rank, for a checkpoint written
-    without the others (healing.py): python's and numpy's as seed_everything(seed + rank) left them
-    (the training draws nothing from them), torch's as seed_step will set it (CUDA's likewise
-    reseeded, so left out)."""
-    python = random.Random(seed + rank).getstate()
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.RandomState((seed + rank) % (1 << 32)).get_state()
-    return {
-        "python": {"version": python[0], "state": torch.tensor(python[1], dtype=torch.int64), "gauss": python[2]},
-        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
-        "torch": torch.Generator().manual_seed(step_seed(seed, rank, step)).get_state(),
-        "cuda": None,
-    }
-
-
-def capture_rng_state(device: torch.device) -> dict:
-    """This process's python, numpy, torch CPU and CUDA RNG states as tensors and plain values."""
-    version, py_state, gauss = random.getstate()
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    return {
-        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-    }
-
-
-def restore_rng_state(state: dict, device: torch.device) -> None:
-    """The inverse of capture_rng_state; its tensors may sit on any device."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
-    npy = state["numpy"]
-    np.random.set_state(("MT19937", npy["keys"].cpu().numpy().astype(np.uint32), npy["pos"],
-                         npy["has_gauss"], npy["gauss"]))
-    torch.set_rng_state(state["torch"].cpu())
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def to_cpu(tree):
@@ -309,13 +246,6 @@ def to_device(tree, device: torch.device):
     if isinstance(tree, (list, tuple)):
         return type(tree)(to_device(value, device) for value in tree)
     return tree
-
-
-def restore_rng_of_rank(checkpoint: dict, env: DistEnv) -> None:
-    """This rank's RNG streams as saved; a rank the checkpoint did not have keeps its fresh seed."""
-    states = checkpoint["rng_states"]
-    if env.rank < len(states):
-        restore_rng_state(states[env.rank], env.device)
 
 
 def rescale_progress(progress: Progress, saved_world_size: int, world_size: int) -> Progress:

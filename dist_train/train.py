@@ -27,10 +27,10 @@ from dist_train.models import build_model, unwrap
 from dist_train.preemption import (INTERRUPT, NONE, TERMINATE, SaveClock, StopAgreement, StopFlag,
                                    requeue_slurm_job, restart_count)
 from dist_train.rundir import prepare_run_dir, write_config_file
+from dist_train.rng import restore_rng_of_rank, rng_state_at_step, seed_everything, seed_step
 from dist_train.state import (Progress, Training, apply_checkpoint, apply_optimizer_settings, build_checkpoint,
                               capture_environment, choose_resume_checkpoint, rescale_progress,
-                              restore_rng_of_rank, rng_state_at_step, save_training_state, seed_everything,
-                              seed_step, weights_are_finite)
+                              save_training_state, weights_are_finite)
 from dist_train.watchdog import AGREEING, EVALUATING, SAVING, SYNCING
 from dist_train.tracking import ProgressReport, build_tracker, setup_logging
 

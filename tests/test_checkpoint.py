@@ -20,8 +20,8 @@ from dist_train.distributed import DistEnv
 from dist_train.loop import build_scheduler
 from dist_train.models import Net, build_model, strip_wrapper_prefixes, unwrap
 from dist_train.saving import save_checkpoint, wait_for_pruning
-from dist_train.state import (Progress, Training, apply_checkpoint, build_checkpoint, capture_rng_state,
-                              choose_resume_checkpoint, restore_rng_state)
+from dist_train.rng import capture_rng_state, restore_rng_state
+from dist_train.state import Progress, Training, apply_checkpoint, build_checkpoint, choose_resume_checkpoint
 
 CPU = torch.device("cpu")
 ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=CPU)

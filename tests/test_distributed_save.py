@@ -12,7 +12,8 @@ from dist_train.checkpoint import load_checkpoint
 from dist_train.distributed import DistEnv
 from dist_train.loop import build_scheduler
 from dist_train.models import Net
-from dist_train.state import Progress, Training, capture_rng_state, save_training_state
+from dist_train.rng import capture_rng_state
+from dist_train.state import Progress, Training, save_training_state
 
 
 def _rank_main(rank: int, tmp: str, port: int) -> None:

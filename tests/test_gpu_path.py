@@ -21,7 +21,8 @@ from dist_train.config import UserError
 from dist_train.distributed import RankError, nondeterministic_op, pick_device, use_deterministic_kernels
 from dist_train.evaluate import main as evaluate_main
 from dist_train.models import GlobalAvgPool, build_model
-from dist_train.state import capture_rng_state, restore_rng_state, to_cpu
+from dist_train.rng import capture_rng_state, restore_rng_state
+from dist_train.state import to_cpu
 
 CPU = torch.device("cpu")
 
