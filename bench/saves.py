@@ -7,7 +7,8 @@
     the pruned file's unlink runs in the background) against `dd ... conv=fsync` of the same
     number of bytes.
 (d) The loop time an asynchronous save costs (snapshot + the slowdown of the steps that run
-    while the background thread writes, + any wait at the end), against dd+fsync of the same bytes.
+    while the writer writes, + any wait at the end), against dd+fsync of the same bytes; the
+    writer the template picks (a process on CPU, a thread on CUDA), or --writer thread.
 (e) Time to the first logged step of a whole process: resumed from a checkpoint / fresh.
 (f) Bytes read (/proc/self/io rchar) per resume per rank, 4 ranks (gloo), --read-once on and off.
 (g) The stop agreement's cost per step (bench/agreement_overhead.py under torchrun, 2 ranks).
@@ -32,10 +33,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from bench.throughput import describe_machine, record, write_figures  # noqa: E402
-from dist_train.async_save import BackgroundWriter  # noqa: E402
+from dist_train.async_save import ThreadWriter, make_writer  # noqa: E402
 from dist_train.saving import save_checkpoint, wait_for_pruning  # noqa: E402
 from dist_train.models import build_model  # noqa: E402
-from dist_train.state import to_cpu, write_checkpoint  # noqa: E402
+from dist_train.state import to_cpu  # noqa: E402
 
 
 def dd_fsync(path: Path, num_bytes: int) -> float:
@@ -66,13 +67,20 @@ def training_state(model_name: str):
     return model, optimizer, step
 
 
-def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
+def bench_saves(work: Path, model_name: str, rounds: int, steps: int, writer_kind: str) -> None:
+    # Made first, as the template does (before the model): a writer process forked later shares the
+    # model's pages copy-on-write, and in one A/B run the steps were then ~20% slower (resnet50:
+    # 626-644 ms against 519-558 ms with a thread), which they were not once it was made first.
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    writer = ThreadWriter() if writer_kind == "thread" else make_writer(device_type)  # as the template picks
     model, optimizer, step = training_state(model_name)
-    writer = BackgroundWriter()
 
     def checkpoint(n: int, to_host=to_cpu) -> dict:  # a sync save copies to the CPU as the template does
         return {"model_state_dict": to_host(model.state_dict()), "optimizer_state_dict":
                 to_host(optimizer.state_dict()), "global_step": n}
+
+    def as_is(tree):  # an asynchronous save: the writer takes the snapshot
+        return tree
 
     ckpt_dir = work / "ckpt"
     ckpt_dir.mkdir()
@@ -85,10 +93,9 @@ def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
     for _ in range(steps):
         step()
     step_time = (time.perf_counter() - start) / steps
-    snapshot = checkpoint(2, writer.snapshot)
     start = time.perf_counter()
-    writer.submit(lambda: write_checkpoint(snapshot, ckpt_dir, 2, pipelined=False)[1] or wait_for_pruning())
-    while writer._thread.is_alive():
+    writer.submit(checkpoint(2, as_is), ckpt_dir, 2)
+    while writer.busy():
         step()
     assert writer.wait() is None
     steps = max(steps, math.ceil(1.5 * (time.perf_counter() - start) / step_time))
@@ -106,14 +113,14 @@ def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
         bare = time.perf_counter() - start
         n += 1
         start = time.perf_counter()
-        snapshot = checkpoint(n, writer.snapshot)
-        writer.submit(lambda: write_checkpoint(snapshot, ckpt_dir, 2, pipelined=False)[1])  # as state.save does
+        writer.submit(checkpoint(n, as_is), ckpt_dir, 2)  # as state.save_training_state does
         for _ in range(steps):
             step()
         assert writer.wait() is None
         wait_for_pruning()  # the async save's unlink is not charged to the next round's sync save
         lost.append((time.perf_counter() - start - bare) / dd)
         sync.append(sync_time / dd)
+    writer.close()
     print(f"\n{model_name} + momentum checkpoint, {size / 1e6:.1f} MB, {rounds} interleaved rounds; "
           f"dd+fsync median {dd:.3f} s in the last round")
     what = f"{model_name} + momentum ({size / 1e6:.0f} MB)"
@@ -195,6 +202,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2,
                         help="training steps around each async save, at least (more if the write lasts longer);"
                              " (d) is a difference of two timings, and its noise grows with their length")
+    parser.add_argument("--writer", choices=("auto", "thread"), default="auto",
+                        help="the asynchronous save's writer: auto (as the template picks: a process on CPU) "
+                             "or a thread, for comparison")
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
@@ -202,7 +212,7 @@ def main() -> None:
     print(describe_machine())
     for model in args.model:
         with tempfile.TemporaryDirectory() as tmp:
-            bench_saves(Path(tmp), model, args.rounds, args.steps)
+            bench_saves(Path(tmp), model, args.rounds, args.steps, args.writer)
     with tempfile.TemporaryDirectory() as tmp:
         bench_resume(Path(tmp), args.model[0], args.rounds)
     bench_reads()

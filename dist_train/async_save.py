@@ -1,28 +1,49 @@
-"""Asynchronous saves: a snapshot on the main thread, the write in one background thread.
+"""Asynchronous saves: a snapshot on the main thread, the write in the background.
 
-The snapshot copies every tensor of the checkpoint into host buffers (pinned on CUDA) that are
-reused from one save to the next, so that training may change the weights while the file is
-written. The background thread writes, fsyncs, renames, moves `latest` and prunes, exactly as a
-synchronous save does (saving.save_checkpoint): a SIGKILL at any instant leaves the previous
-checkpoint as it was. At most one write is in flight: the next save waits for it, and so does
-every way out of the run (a stop, the end of training, a survivor's save, an error).
+submit() copies every tensor of the checkpoint into host buffers that are reused from one save to
+the next, so that training may change the weights while the file is written. The background
+writes, fsyncs, renames, moves `latest` and prunes, exactly as a synchronous save does
+(saving.save_checkpoint): a SIGKILL at any instant leaves the previous checkpoint as it was. At
+most one write is in flight: the next save waits for it, and so does every way out of the run (a
+stop, the end of training, a survivor's save, an error).
+
+Two writers, one interface (submit, failed, wait, close):
+- ProcessWriter (CPU training on Linux, the default there): a writer process of its own
+  (writer_process.py), since a thread's Python would hold the loop's GIL for 70-100 ms per
+  resnet50 save on 2 cores.
+- ThreadWriter (CUDA, or where fork/memfd are missing): a thread, the snapshot in pinned buffers,
+  copied from the GPU without blocking. Its GIL cost was not measured against a process on a
+  GPU (README, Known limits).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from dist_train import saving, writer_process
+from dist_train.saving import write_checkpoint
+
 log = logging.getLogger(__name__)
 
 
+def make_writer(device_type: str) -> "ThreadWriter | ProcessWriter":
+    """The writer for training on this device type (make it before any process group: it may fork)."""
+    if device_type == "cpu" and writer_process.available():
+        try:
+            return ProcessWriter()
+        except OSError as error:  # no fork (a process limit), no memfd (a sandbox's seccomp filter)
+            log.warning("checkpoints are written in a thread: no writer process (%s)", error)
+    return ThreadWriter()
+
+
 class Snapshot:
-    """Copies of a checkpoint's tensors in host buffers kept for the next save (same key, shape
-    and dtype: the same buffer). Reuse is safe: a new snapshot is taken only once the previous
-    write is over (BackgroundWriter.wait)."""
+    """Copies of a checkpoint's tensors in host buffers kept for the next save (same place in the
+    checkpoint, shape and dtype: the same buffer)."""
 
     def __init__(self):
         self._buffers: dict[tuple, torch.Tensor] = {}
@@ -53,7 +74,7 @@ class Snapshot:
         return buffer.copy_(tensor, non_blocking=tensor.is_cuda)
 
 
-class BackgroundWriter:
+class ThreadWriter:
     """One write at a time in a background thread; its failure is kept for the main thread."""
 
     def __init__(self):
@@ -61,10 +82,16 @@ class BackgroundWriter:
         self._thread: threading.Thread | None = None
         self._problem: str | None = None
 
-    def submit(self, job: Callable[[], str | None]) -> None:
-        """Run job() (which returns a one-line problem, or None) in the background; the previous
-        write must be waited for first."""
+    def submit(self, checkpoint: dict, ckpt_dir: Path, keep: int, on_saved: Callable[[Path], None] | None = None):
+        """Snapshot `checkpoint` (its tensors may change once this returns) and write it in the
+        background; on_saved(path) is called from the writer thread. wait() for the previous first."""
         assert self._thread is None, "wait() for the write in flight first"
+        copy = self.snapshot(checkpoint)
+        # One thread: a second (saving.save_checkpoint's pipelined mode) takes the training's core.
+        self.start(lambda: write_checkpoint(copy, ckpt_dir, keep, on_saved, pipelined=False)[1])
+
+    def start(self, job: Callable[[], str | None]) -> None:
+        """Run job() (which returns a one-line problem, or None) in the background."""
         # Not a daemon: should the run end by an unexpected exception, the interpreter still
         # finishes the write before it exits (a half-written temp file is harmless, but wasted).
         self._thread = threading.Thread(target=self._run, args=(job,), name="checkpoint-writer")
@@ -75,6 +102,9 @@ class BackgroundWriter:
             self._problem = job()
         except BaseException as error:  # reported at the next step, as a synchronous failure would be
             self._problem = f"could not save a checkpoint: {error}"
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def failed(self) -> bool:
         """The last write is over and failed (never blocks)."""
@@ -91,5 +121,83 @@ class BackgroundWriter:
     def close(self) -> None:
         """At the end of the run, whatever ended it: the write in flight completes first."""
         problem = self.wait()
+        if problem:
+            log.error("%s", problem)
+
+
+class ProcessWriter:
+    """One write at a time in the writer process; the answer is collected by the main thread
+    (on_saved runs there, at the first failed() or wait() after the write)."""
+
+    def __init__(self):
+        self.region = writer_process.SharedRegion()
+        self._process = writer_process.WriterProcess(self.region.fd)
+        self._on_saved = None
+        self._in_flight = False
+        self._problem: str | None = None
+        self._thread: ThreadWriter | None = None  # once the snapshot found no room in shared memory
+
+    def submit(self, checkpoint: dict, ckpt_dir: Path, keep: int, on_saved: Callable[[Path], None] | None = None):
+        """As ThreadWriter.submit."""
+        assert not self._in_flight, "wait() for the write in flight first"
+        if self._thread is None:
+            try:
+                skeleton = self.region.copy_in(checkpoint)
+            except OSError as error:  # the memfd cannot grow: a file size limit (ulimit -f), no memory
+                log.warning("checkpoints are written in a thread from now on: no room for the snapshot "
+                            "in shared memory (%s)", error.strerror or error)
+                self._thread = ThreadWriter()
+        if self._thread is not None:
+            return self._thread.submit(checkpoint, ckpt_dir, keep, on_saved)
+        self._on_saved, self._in_flight = on_saved, True
+        try:
+            self._process.send((self.region.size, skeleton, str(ckpt_dir), keep, saving.known_verdicts(ckpt_dir)))
+        except OSError as error:  # the writer process is gone (killed by hand, out of memory)
+            self._finish(None, f"could not save a checkpoint: the writer process is gone ({error})")
+
+    def _collect(self) -> None:
+        try:
+            path, problem, verdicts = self._process.receive()
+        except (EOFError, OSError) as error:
+            gone = f"the writer process is gone ({str(error) or 'it died'})"
+            path, problem, verdicts = None, f"could not save a checkpoint: {gone}", {}
+        saving.learn_verdicts(verdicts)  # pruning need not read the file it wrote
+        self._finish(path, problem)
+
+    def _finish(self, path: str | None, problem: str | None) -> None:
+        self._in_flight, self._problem = False, problem
+        if path is not None and self._on_saved is not None:
+            self._on_saved(Path(path))
+
+    def busy(self) -> bool:
+        if self._thread is not None:
+            return self._thread.busy()
+        if self._in_flight and self._process.ready():
+            self._collect()
+        return self._in_flight
+
+    def failed(self) -> bool:
+        """The last write is over and failed (never blocks)."""
+        if self._thread is not None:
+            return self._thread.failed()
+        return not self.busy() and self._problem is not None
+
+    def wait(self) -> str | None:
+        """Wait for the write in flight; its problem (once), or None."""
+        if self._thread is not None:
+            return self._thread.wait()
+        if self._in_flight:
+            self._collect()
+        problem, self._problem = self._problem, None
+        return problem
+
+    def close(self) -> None:
+        """At the end of the run, whatever ended it: the write in flight completes first, then the
+        writer process exits."""
+        if self._process is None:
+            return
+        problem = self.wait()
+        self._process.stop()
+        self._process = None
         if problem:
             log.error("%s", problem)

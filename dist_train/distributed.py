@@ -59,6 +59,11 @@ def slurm_master_addr_port(environ=os.environ) -> tuple[str, str]:
     return addr, port
 
 
+def device_type(choice: str) -> str:
+    """"cuda" or "cpu", as setup() will pick for this --device, without making a CUDA context."""
+    return "cpu" if choice == "cpu" or not torch.cuda.is_available() else "cuda"
+
+
 def pick_device(choice: str, local_rank: int, num_visible: int, num_node_gpus: int | None = None) -> torch.device:
     """The device of this rank, from what it can see (a pure function, so tests need no GPU).
 

@@ -45,6 +45,33 @@ def save_checkpoint(checkpoint: dict, ckpt_dir: Path, keep: int, pipelined: bool
     return path
 
 
+def write_checkpoint(checkpoint: dict, ckpt_dir: Path, keep: int, on_saved=None,
+                     pipelined: bool = True) -> tuple[Path | None, str | None]:
+    """save_checkpoint, with a failure as one line: (path, None) or (None, problem)."""
+    try:
+        path = save_checkpoint(checkpoint, ckpt_dir, keep, pipelined)
+    except OSError as error:
+        return None, save_failure(error, checkpoint, ckpt_dir, keep)
+    except CheckpointError as error:  # a newer-format file where this one would go
+        return None, str(error)
+    if on_saved is not None:
+        on_saved(path)
+    return path, None
+
+
+def save_failure(error: OSError, checkpoint: dict, ckpt_dir: Path, keep: int) -> str:
+    """One line: what failed, and how much room the checkpoints need."""
+    size = sum(t.numel() * t.element_size() for t in tensors(checkpoint))
+    path = checkpoint_path(ckpt_dir, checkpoint["global_step"])
+    return (f"could not save checkpoint {path}: {error.strerror or error}; the temp file is removed and "
+            f"the older checkpoints are kept. A save needs about {_mb(size * (keep + 1))} free "
+            f"(checkpoint ~{_mb(size)} x (--keep {keep} + 1))")
+
+
+def _mb(num_bytes: int) -> str:
+    return f"{num_bytes / 1e6:.1f} MB"
+
+
 def memory_ranges(tree) -> list[tuple[int, int]]:
     """(start, end) addresses of the storages of the CPU tensors in a nest."""
     storages = (t.untyped_storage() for t in tensors(tree) if t.device.type == "cpu")
@@ -64,6 +91,17 @@ def _identity(path: Path) -> tuple | None:
     except OSError:
         return None
     return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def known_verdicts(ckpt_dir: Path) -> dict:
+    """What this process knows of the files in ckpt_dir, for another process to learn."""
+    return {path: known for path, known in _verdicts.items() if path.parent == Path(ckpt_dir)}
+
+
+def learn_verdicts(verdicts: dict) -> None:
+    """Another process's known_verdicts (the asynchronous writer's and the run's): a file one of
+    them wrote is not read again by the other. A file changed since has another identity."""
+    _verdicts.update(verdicts)
 
 
 def _remember(path: Path, version: int) -> None:
@@ -124,6 +162,7 @@ def prune_checkpoints(ckpt_dir: Path, keep: int, protect: Path) -> list[Path]:
                 continue
             doomed.append(tmp)
             removed.append(path)
+            _verdicts.pop(path, None)
     if doomed:
         global _deleter
         # Not a daemon: the interpreter finishes the unlinks before it exits.

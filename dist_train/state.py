@@ -9,10 +9,8 @@ from pathlib import Path
 
 import torch
 
-from dist_train.checkpoint import (CheckpointError, FORMAT_VERSION, checkpoint_path, find_latest_valid,
-                                   load_checkpoint, tensors)
-from dist_train.saving import save_checkpoint
-from dist_train.async_save import BackgroundWriter
+from dist_train.checkpoint import CheckpointError, FORMAT_VERSION, find_latest_valid, load_checkpoint
+from dist_train.saving import write_checkpoint
 from dist_train.errors import DivergedError, SaveFailedError, UserError
 from dist_train.distributed import DistEnv, all_reduce_sum, broadcast_from_main, gather_to_main
 from dist_train.models import strip_wrapper_prefixes, unwrap
@@ -69,7 +67,8 @@ def build_checkpoint(training: Training, progress: Progress, loss: float, rng_st
                      config: dict, world_size: int, wandb_run_id: str | None = None,
                      environment: dict | None = None, to_host=to_cpu) -> dict:
     """The general checkpoint of the recipe, plus everything an exact continuation needs.
-    to_host: how tensors reach the host (to_cpu, or an async save's Snapshot, which copies)."""
+    to_host: how tensors reach the host (to_cpu; an asynchronous save keeps them where they are,
+    its writer copies them)."""
     scaler = training.scaler
     return {
         # The recipe's keys: its own loading code works on this dict unchanged.
@@ -134,6 +133,10 @@ def _few(keys: list[str], limit: int = 5) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _as_is(tree):
+    return tree
+
+
 def weights_are_finite(model: torch.nn.Module) -> bool:
     """One reduction and one device sync for the whole model (a save syncs anyway)."""
     checks = [torch.isfinite(p).all() for p in model.parameters() if p.is_floating_point()]
@@ -142,7 +145,7 @@ def weights_are_finite(model: torch.nn.Module) -> bool:
 
 def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress: Progress,
                         last_loss: float, config: dict, env: DistEnv, wandb_run_id: str | None = None,
-                        writer: BackgroundWriter | None = None, on_saved=None) -> Path | None:
+                        writer=None, on_saved=None) -> Path | None:
     """Collective: every rank sends its RNG state, the main rank alone writes. Returns the path on
     the main rank once written; with a `writer`, the write goes to its background thread (after
     the previous one), on_saved(path) is called from there, and None is returned.
@@ -166,9 +169,9 @@ def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress:
         if problem is None:
             checkpoint = build_checkpoint(training, progress, loss_sum / env.world_size, rng_states,
                                           config, env.world_size, wandb_run_id, capture_environment(env.device),
-                                          to_host=writer.snapshot if writer is not None else to_cpu)
+                                          to_host=_as_is if writer is not None else to_cpu)
             if writer is not None:
-                writer.submit(lambda: write_checkpoint(checkpoint, ckpt_dir, keep, on_saved, pipelined=False)[1])
+                writer.submit(checkpoint, ckpt_dir, keep, on_saved)
             else:
                 path, problem = write_checkpoint(checkpoint, ckpt_dir, keep, on_saved)
     # No rank runs ahead (or reads, or prunes) while the main rank writes; all learn how it went.
@@ -176,33 +179,6 @@ def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress:
     if problem:
         raise SaveFailedError(problem)
     return path
-
-
-def write_checkpoint(checkpoint: dict, ckpt_dir: Path, keep: int, on_saved=None,
-                     pipelined: bool = True) -> tuple[Path | None, str | None]:
-    """save_checkpoint, with a failure as one line: (path, None) or (None, problem)."""
-    try:
-        path = save_checkpoint(checkpoint, ckpt_dir, keep, pipelined)
-    except OSError as error:
-        return None, save_failure(error, checkpoint, ckpt_dir, keep)
-    except CheckpointError as error:  # a newer-format file where this one would go
-        return None, str(error)
-    if on_saved is not None:
-        on_saved(path)
-    return path, None
-
-
-def save_failure(error: OSError, checkpoint: dict, ckpt_dir: Path, keep: int) -> str:
-    """One line: what failed, and how much room the checkpoints need."""
-    size = sum(t.numel() * t.element_size() for t in tensors(checkpoint))
-    path = checkpoint_path(ckpt_dir, checkpoint["global_step"])
-    return (f"could not save checkpoint {path}: {error.strerror or error}; the temp file is removed and "
-            f"the older checkpoints are kept. A save needs about {_mb(size * (keep + 1))} free "
-            f"(checkpoint ~{_mb(size)} x (--keep {keep} + 1))")
-
-
-def _mb(num_bytes: int) -> str:
-    return f"{num_bytes / 1e6:.1f} MB"
 
 
 def choose_resume_checkpoint(ckpt_dir: Path, explicit: str | None, env: DistEnv, read_once: bool = True) -> dict | None:

@@ -17,7 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_train import data, distributed, exits, healing
-from dist_train.async_save import BackgroundWriter
+from dist_train.async_save import ThreadWriter, make_writer
 from dist_train.checkpoint import load_checkpoint
 from dist_train.saving import save_checkpoint
 from dist_train.config import Config, config_differences, environment_differences, parse_config
@@ -103,16 +103,20 @@ def train(config: Config, stop_flag: StopFlag) -> int:
     is_main = distributed.discover_ranks()[0] == 0
     check_before_touching_disk(config, is_main)
     ckpt_dir, lock = prepare_run_dir(config, is_main)  # the main rank holds the lock until the end
+    writer = ThreadWriter()  # ranks other than the main one never write
     try:
-        return train_in_run_dir(config, stop_flag, ckpt_dir)
+        if is_main and config.async_save:  # before any thread, process group or CUDA context: it may fork
+            writer = make_writer(distributed.device_type(config.device))
+        return train_in_run_dir(config, stop_flag, ckpt_dir, writer)
     finally:
+        writer.close()  # the write in flight completes before the lock goes
         if lock is not None:
             lock.release()
 
 
-def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path) -> int:
+def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path, writer) -> int:
     env = distributed.setup(config.device, config.deterministic)
-    tracker, writer = None, BackgroundWriter()
+    tracker = None
     try:
         setup_logging(env.rank, config.log_level)
         log.info("%s", distributed.describe_placement(env))
@@ -195,7 +199,7 @@ def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path) -> int
         requeued = requeue_slurm_job(config.max_requeues) if env.is_main else None
         return exits.COMPLETE if distributed.broadcast_from_main(requeued, env) else exits.STOPPED
     finally:
-        writer.close()  # whatever ended the run, the write in flight completes (before the lock goes)
+        writer.close()  # whatever ended the run, the write in flight completes
         stop_flag.ignore_from_now_on()
         if tracker is not None:
             tracker.finish()

@@ -1,0 +1,228 @@
+"""The asynchronous save's writer as a process of its own, so that it takes nothing from the loop.
+
+A thread would share the loop's GIL: torch.save runs Python for every tensor it pickles (a
+resnet50 checkpoint: ~10,000 persistent_id calls), and each time the writer holds the GIL the
+loop's next torch op waits for it. Measured on 2 CPU cores, that wait was 70-100 ms of a resnet50
+save's ~0.35 s dd+fsync (README, Throughput). A process has its own interpreter.
+
+How: the snapshot's tensors live in one shared memory file (memfd, not /dev/shm, whose tmpfs is
+often 64 MB in containers); the process, forked once when the writer is made, maps the same file,
+rebuilds the checkpoint with tensors over it and saves it with saving.save_checkpoint, exactly as
+a synchronous save. It is told the checkpoint (tensors as offsets, the rest by value) and answers
+with the path written or a one-line problem. It dies with its parent (PR_SET_PDEATHSIG): a
+SIGKILL of the run leaves at most a temp file, which the next launch removes, and never a write
+finishing behind a relaunch. It ignores the signals the run handles (SIGTERM, SIGUSR1, SIGINT,
+...): SLURM and a terminal signal every process of a job, and only the run decides when to stop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import torch
+
+from dist_train.checkpoint import tensors
+from dist_train.saving import known_verdicts, learn_verdicts, wait_for_pruning, write_checkpoint
+
+_ALIGN = 64  # bytes: every tensor starts on a cache line
+
+
+def available() -> bool:
+    """Linux only (memfd, fork, prctl)."""
+    return hasattr(os, "memfd_create") and hasattr(os, "fork") and os.uname().sysname == "Linux"
+
+
+class SharedRegion:
+    """Host buffers for the snapshot's tensors, all in one memfd that the writer process maps too.
+
+    A layout (one buffer per tensor, in the order of checkpoint.tensors) is kept while the shapes
+    and dtypes stay the same, as they do from one save of a run to the next; another grows the
+    file. Reuse is safe: the next snapshot is taken only once the previous write is over."""
+
+    def __init__(self):
+        self.fd = os.memfd_create("dist_train-snapshot")
+        self.size = 0
+        self._specs: list | None = None
+        self._offsets: list[int] = []
+        self._buffers: list[torch.Tensor] = []
+
+    def copy_in(self, tree):
+        """Copy the tree's tensors into the region; the tree with a Slot in place of each."""
+        sources = list(tensors(tree))
+        specs = [(tuple(t.shape), t.dtype) for t in sources]
+        if specs != self._specs:
+            self._lay_out(specs)
+        for source, buffer in zip(sources, self._buffers):
+            buffer.copy_(source.detach())
+        slots = iter(Slot(offset, shape, dtype) for offset, (shape, dtype) in zip(self._offsets, specs))
+        return _replace(tree, lambda _: next(slots))
+
+    def _lay_out(self, specs) -> None:
+        self._offsets, size = layout(specs)
+        if size > self.size:
+            os.ftruncate(self.fd, size)
+            self.size = size
+        self._buffers = []  # the old views go before their mapping
+        region = mmap.mmap(self.fd, self.size) if self.size else None
+        self._buffers = [over(region, offset, shape, dtype) for offset, (shape, dtype) in zip(self._offsets, specs)]
+        self._specs = specs
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a tensor of the checkpoint lies in the region."""
+    offset: int
+    shape: tuple
+    dtype: torch.dtype
+
+
+def layout(specs) -> tuple[list[int], int]:
+    """Offsets of tensors of these (shape, dtype) one after another, each on a cache line; the size."""
+    offsets, end = [], 0
+    for shape, dtype in specs:
+        offsets.append(end)
+        end += -(-torch.Size(shape).numel() * dtype.itemsize // _ALIGN) * _ALIGN
+    return offsets, end
+
+
+def over(region, offset: int, shape, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of `shape` and `dtype` over region[offset:] (no copy)."""
+    count = torch.Size(shape).numel()
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(region, dtype=dtype, count=count, offset=offset).view(shape)
+
+
+def _replace(tree, fn):
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: _replace(v, fn) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_replace(v, fn) for v in tree)
+    return tree
+
+
+def _fill(tree, region):
+    if isinstance(tree, Slot):
+        return over(region, tree.offset, tree.shape, tree.dtype)
+    if isinstance(tree, dict):
+        return {k: _fill(v, region) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_fill(v, region) for v in tree)
+    return tree
+
+
+class WriterProcess:
+    """The forked writer and the parent's end of its socket."""
+
+    def __init__(self, region_fd: int):
+        parent_end, child_end = socket.socketpair()
+        parent_pid = os.getpid()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child never returns
+            parent_end.close()
+            _serve(Connection(child_end.detach()), region_fd, parent_pid)
+        child_end.close()
+        self.conn = Connection(parent_end.detach())
+        # Until the child has closed what it inherited (the run directory's lock), the parent may
+        # not go on: a lock released before that would stay held.
+        try:
+            ready = self.conn.recv()
+        except EOFError:
+            ready = None
+        if ready != "ready":
+            self.stop()
+            raise OSError(f"the writer process did not start: {ready or 'it died'}")
+
+    def send(self, message) -> None:
+        self.conn.send(message)
+
+    def ready(self) -> bool:
+        return self.conn.poll(0)
+
+    def receive(self):
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        """Ask the process to exit (after the write in flight, if any) and reap it."""
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.conn.close()
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:  # reaped already
+            pass
+
+
+# The signals a run handles or a launcher sends to every process of a job.
+_IGNORED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+
+
+def _serve(conn: Connection, region_fd: int, parent_pid: int) -> None:
+    """The writer process: one save per message until None or the parent's end closes."""
+    status = 0
+    try:
+        for signum in _IGNORED:
+            signal.signal(signum, signal.SIG_IGN)
+        _die_with_parent(parent_pid)
+        _close_inherited_files(keep={0, 1, 2, conn.fileno(), region_fd})
+        torch.set_num_threads(1)  # as a DataLoader worker: no OpenMP pool after a fork
+        conn.send("ready")
+        region, mapped = None, 0
+        while True:
+            try:
+                message = conn.recv()
+            except EOFError:
+                break
+            if message is None:
+                break
+            size, checkpoint, ckpt_dir, keep, verdicts = message
+            learn_verdicts(verdicts)
+            if size != mapped:
+                region, mapped = (mmap.mmap(region_fd, size) if size else None), size
+            checkpoint = _fill(checkpoint, region)
+            try:
+                # One thread: a second one (pipelined) would take the core the training runs on.
+                path, problem = write_checkpoint(checkpoint, Path(ckpt_dir), keep, pipelined=False)
+                wait_for_pruning()
+            except BaseException as error:  # told to the parent, as a failed thread's would be
+                path, problem = None, f"could not save a checkpoint: {error}"
+            del checkpoint
+            conn.send((str(path) if path is not None else None, problem, known_verdicts(Path(ckpt_dir))))
+    except BaseException as error:
+        status = 1
+        try:  # said as a failed save (or, at start, as the reason it did not start)
+            conn.send((None, f"could not save a checkpoint: the writer process failed: {error!r}", {}))
+        except BaseException:
+            pass
+    finally:
+        os._exit(status)  # never the parent's atexit handlers, finalisers or buffered output
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when the parent dies: no write completes behind a relaunch."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before prctl
+        os._exit(0)
+
+
+def _close_inherited_files(keep: set[int]) -> None:
+    """The run directory's lock above all: a flock lives as long as any copy of its descriptor."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:  # the descriptor listdir itself used
+                pass

@@ -1,0 +1,163 @@
+"""The asynchronous save's writer process: the same file as a synchronous save, from a snapshot;
+it dies with the run, ignores the signals a job gets, holds no lock, and a dead one is a failed save."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+from conftest import Launch, assert_bitwise_equal, newest_checkpoint, process_tree
+from test_run_faults import TINY, error_lines
+
+from dist_train import exits
+from dist_train.async_save import ProcessWriter
+from dist_train.checkpoint import list_checkpoints
+from dist_train.rundir import RunDirLock
+from dist_train.saving import save_checkpoint
+
+
+def a_checkpoint(step: int, width: int = 1000) -> dict:
+    """Tensors of several dtypes and sizes (an empty one, a 0-dim one), nested as a checkpoint's."""
+    return {"model_state_dict": {"w": torch.randn(width, 300), "b": torch.zeros(width, dtype=torch.bfloat16),
+                                 "count": torch.tensor(7, dtype=torch.int64), "none": torch.empty(0, 3)},
+            "optimizer_state_dict": {"state": {0: {"momentum_buffer": torch.randn(width, 300)}},
+                                     "param_groups": [{"lr": 0.1, "params": [0]}]},
+            "rng_states": [{"cpu": torch.get_rng_state()}], "global_step": step, "format_version": 1}
+
+
+def test_the_writer_process_writes_what_a_synchronous_save_writes_from_a_snapshot(tmp_path):
+    """The synchronous save's file, although the tensors change as soon as submit() returns: the
+    same records, each tensor's bytes the same, the same checkpoint loaded (the pickle itself may
+    memoise a string differently, and torch draws a serialisation id per file). Then a larger
+    checkpoint (the shared memory grows) and a smaller one."""
+    sync_dir, async_dir = tmp_path / "sync", tmp_path / "async"
+    sync_dir.mkdir()
+    async_dir.mkdir()
+    writer = ProcessWriter()
+    try:
+        for step, width in ((1, 1000), (2, 3000), (3, 10)):
+            checkpoint = a_checkpoint(step, width)
+            expected = save_checkpoint(checkpoint, sync_dir, keep=5)
+            saved = []
+            writer.submit(checkpoint, async_dir, 5, saved.append)
+            for tensor in (checkpoint["model_state_dict"]["w"], checkpoint["optimizer_state_dict"]["state"][0]
+                           ["momentum_buffer"]):
+                tensor.add_(1.0)  # training goes on while the file is written
+            assert writer.wait() is None
+            assert saved == [async_dir / f"step_{step:09d}.pt"]
+            assert records(saved[0]) == records(expected)
+            assert_bitwise_equal(torch.load(saved[0], weights_only=True), torch.load(expected, weights_only=True))
+    finally:
+        writer.close()
+    assert sorted(p.name for p in async_dir.iterdir()) == sorted(p.name for p in sync_dir.iterdir())
+
+
+def records(path: Path) -> dict[str, bytes]:
+    """A checkpoint's zip records, less the pickle and the per-file serialisation id."""
+    with zipfile.ZipFile(path) as archive:
+        return {name: archive.read(name) for name in archive.namelist()
+                if not name.endswith(("data.pkl", "serialization_id"))}
+
+
+def test_a_dead_writer_process_is_a_failed_save_and_the_older_checkpoints_stay(tmp_path):
+    writer = ProcessWriter()
+    try:
+        writer.submit(a_checkpoint(1), tmp_path, 2)
+        assert writer.wait() is None
+        os.kill(writer._process.pid, signal.SIGKILL)  # as the OOM killer would
+        os.waitpid(writer._process.pid, 0)
+        writer.submit(a_checkpoint(2), tmp_path, 2)
+        assert writer.failed()
+        problem = writer.wait()
+        assert problem.startswith("could not save a checkpoint: the writer process is gone"), problem
+    finally:
+        writer.close()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000001.pt"]
+
+
+def test_the_writer_process_does_not_hold_the_run_directory_lock(tmp_path):
+    """A flock lives as long as any copy of its descriptor: a writer that kept the one it was
+    forked with would lock out every later launch once the run is over."""
+    lock = RunDirLock(tmp_path)
+    writer = ProcessWriter()
+    try:
+        lock.release()
+        RunDirLock(tmp_path).release()  # raises UserError ("is in use by ...") if the writer holds it
+    finally:
+        writer.close()
+
+
+def writer_pid(launch: Launch) -> int:
+    """The launch's one child process (the run is a single process started directly)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        children = [pid for pid in process_tree(launch.proc.pid) if pid != launch.proc.pid]
+        if children:
+            (pid,) = children
+            return pid
+        time.sleep(0.05)
+    raise AssertionError("no writer process")
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a reaper."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_the_writer_process_dies_with_the_run_and_writes_nothing_after_it(tmp_path):
+    """SIGKILL of the training process alone (as an OOM kill of it would be) while its writer is in
+    the middle of a write: the writer dies too, and the checkpoint it was writing never appears
+    (no file completes behind the dead run, or behind a relaunch). The writer is frozen around
+    the kill so that it cannot finish in between."""
+    run_dir, ckpt_dir = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    launch = Launch(TINY + ["--model", "resnet18", "--epochs", "1000", "--save-every-steps", "1",
+                            "--run-dir", str(run_dir)], tmp_path / "killed.log")
+    launch.wait_for(r"saved checkpoint")
+    pid = writer_pid(launch)
+    wait_for_a_write_in_flight(launch, ckpt_dir)
+    os.kill(pid, signal.SIGSTOP)
+    before = sorted(p.name for p in ckpt_dir.iterdir())
+    assert [name for name in before if name.endswith(".tmp")], before
+    os.kill(launch.proc.pid, signal.SIGKILL)
+    launch.wait()
+    os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while alive(pid):
+        assert time.monotonic() < deadline, "the writer process outlived the run"
+        time.sleep(0.01)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == before
+
+
+def wait_for_a_write_in_flight(launch: Launch, ckpt_dir: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not list(ckpt_dir.glob(".step_*.tmp")):
+        assert time.monotonic() < deadline, launch.output()[-2000:]
+        time.sleep(0.001)
+
+
+def test_a_signal_to_the_whole_job_stops_the_run_with_a_checkpoint(tmp_path):
+    """SLURM and a terminal signal every process of a job: the writer process must not die of
+    SIGTERM (nor act on it) while it writes, or that checkpoint would be lost. resnet18 saved at
+    every step: a write (~90 MB) is in flight when the signal comes."""
+    run_dir = tmp_path / "run"
+    args = TINY + ["--model", "resnet18", "--epochs", "1000", "--save-every-steps", "1", "--run-dir", str(run_dir)]
+    launch = Launch(args, tmp_path / "term.log")
+    launch.wait_for(r"saved checkpoint .*step_000000002")
+    writer_pid(launch)
+    wait_for_a_write_in_flight(launch, run_dir / "checkpoints")
+    os.killpg(launch.proc.pid, signal.SIGTERM)
+    assert launch.wait(timeout=120) == exits.TERMINATED, launch.output()[-3000:]
+    assert error_lines(launch.output()) == []
+    assert "could not save" not in launch.output(), launch.output()[-3000:]
+    (saved,) = re.findall(r"saved checkpoint \S+ \(epoch \d+, step (\d+), stop requested by SIGTERM\)",
+                          launch.output())
+    assert newest_checkpoint(run_dir)["global_step"] == int(saved)
