@@ -46,6 +46,17 @@ def is_regular_file(path: Path) -> bool:
         return False
 
 
+def map_leaves(tree, fn, leaf=torch.Tensor):
+    """The nest of dicts, lists and tuples with fn(x) in place of every x of type `leaf`."""
+    if isinstance(tree, leaf):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {key: map_leaves(value, fn, leaf) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(map_leaves(value, fn, leaf) for value in tree)
+    return tree
+
+
 def tensors(tree):
     """Every tensor in a nest of dicts, lists and tuples."""
     if isinstance(tree, torch.Tensor):

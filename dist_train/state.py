@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dist_train.checkpoint import CheckpointError, FORMAT_VERSION, find_latest_valid, load_checkpoint
+from dist_train.checkpoint import CheckpointError, FORMAT_VERSION, find_latest_valid, load_checkpoint, map_leaves
 from dist_train.saving import write_checkpoint
 from dist_train.errors import DivergedError, SaveFailedError, UserError
 from dist_train.distributed import DistEnv, all_reduce_sum, broadcast_from_main, gather_to_main
@@ -46,13 +46,7 @@ def to_cpu(tree):
 
     A checkpoint holds CPU tensors only: a file whose storages are tagged cuda:N does not load on
     a machine without CUDA with the recipe's plain torch.load."""
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().cpu()
-    if isinstance(tree, dict):
-        return {key: to_cpu(value) for key, value in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(to_cpu(value) for value in tree)
-    return tree
+    return map_leaves(tree, lambda tensor: tensor.detach().cpu())
 
 
 def capture_environment(device: torch.device) -> dict:
@@ -215,13 +209,7 @@ def choose_resume_checkpoint(ckpt_dir: Path, explicit: str | None, env: DistEnv,
 
 def to_device(tree, device: torch.device):
     """Every tensor in a nest of dicts, lists and tuples, on `device` (no copy where it already is)."""
-    if isinstance(tree, torch.Tensor):
-        return tree.to(device)
-    if isinstance(tree, dict):
-        return {key: to_device(value, device) for key, value in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(to_device(value, device) for value in tree)
-    return tree
+    return map_leaves(tree, lambda tensor: tensor.to(device))
 
 
 def rescale_progress(progress: Progress, saved_world_size: int, world_size: int) -> Progress:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from dist_train.checkpoint import tensors
+from dist_train.checkpoint import map_leaves, tensors
 from dist_train.saving import known_verdicts, learn_verdicts, wait_for_pruning, write_checkpoint
 
 _ALIGN = 64  # bytes: every tensor starts on a cache line
@@ -62,7 +62,7 @@ class SharedRegion:
         for source, buffer in zip(sources, self._buffers):
             buffer.copy_(source.detach())
         slots = iter(Slot(offset, shape, dtype) for offset, (shape, dtype) in zip(self._offsets, specs))
-        return _replace(tree, lambda _: next(slots))
+        return map_leaves(tree, lambda _: next(slots))
 
     def _lay_out(self, specs) -> None:
         self._offsets, size = layout(specs)
@@ -98,26 +98,6 @@ def over(region, offset: int, shape, dtype: torch.dtype) -> torch.Tensor:
     if count == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(region, dtype=dtype, count=count, offset=offset).view(shape)
-
-
-def _replace(tree, fn):
-    if isinstance(tree, torch.Tensor):
-        return fn(tree)
-    if isinstance(tree, dict):
-        return {k: _replace(v, fn) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_replace(v, fn) for v in tree)
-    return tree
-
-
-def _fill(tree, region):
-    if isinstance(tree, Slot):
-        return over(region, tree.offset, tree.shape, tree.dtype)
-    if isinstance(tree, dict):
-        return {k: _fill(v, region) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_fill(v, region) for v in tree)
-    return tree
 
 
 class WriterProcess:
@@ -190,7 +170,7 @@ def _serve(conn: Connection, region_fd: int, parent_pid: int) -> None:
             learn_verdicts(verdicts)
             if size != mapped:
                 region, mapped = (mmap.mmap(region_fd, size) if size else None), size
-            checkpoint = _fill(checkpoint, region)
+            checkpoint = map_leaves(checkpoint, lambda slot: over(region, slot.offset, slot.shape, slot.dtype), Slot)
             try:
                 # One thread: a second one (pipelined) would take the core the training runs on.
                 path, problem = write_checkpoint(checkpoint, Path(ckpt_dir), keep, pipelined=False)
