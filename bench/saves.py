@@ -1,6 +1,6 @@
 """What saving and resuming cost, as ratios to references measured side by side in one run.
 
-    python bench/saves.py              # ~3 minutes on 2 CPU cores
+    python bench/saves.py              # ~3 minutes on 2 CPU cores (--model resnet18 resnet50: 7)
     python bench/saves.py --model resnet18 resnet50 --rounds 7
 
 (c) A synchronous save (saving.save_checkpoint: temp file, fsync, rename, `latest`, prune;
@@ -8,7 +8,9 @@
     number of bytes.
 (d) The loop time an asynchronous save costs (snapshot + the slowdown of the steps that run
     while the writer writes, + any wait at the end), against dd+fsync of the same bytes; the
-    writer the template picks (a process on CPU, a thread on CUDA), or --writer thread.
+    writer the template picks (a process on CPU, a thread on CUDA); on CPU a thread writer too,
+    in the same rounds, for comparison. Each async save is compared with the mean of the bare
+    stretches of steps just before and after it.
 (e) Time to the first logged step of a whole process: resumed from a checkpoint / fresh.
 (f) Bytes read (/proc/self/io rchar) per resume per rank, 4 ranks (gloo), --read-once on and off.
 (g) The stop agreement's cost per step (bench/agreement_overhead.py under torchrun, 2 ranks).
@@ -67,12 +69,14 @@ def training_state(model_name: str):
     return model, optimizer, step
 
 
-def bench_saves(work: Path, model_name: str, rounds: int, steps: int, writer_kind: str) -> None:
-    # Made first, as the template does (before the model): a writer process forked later shares the
-    # model's pages copy-on-write, and in one A/B run the steps were then ~20% slower (resnet50:
-    # 626-644 ms against 519-558 ms with a thread), which they were not once it was made first.
+def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
+    # The writers are made first, as the template makes its own (before the model): a writer
+    # process forked later shares the model's pages copy-on-write, and in one A/B run the steps
+    # were then ~20% slower (resnet50: 626-644 ms against 519-558 ms), not once it came first.
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    writer = ThreadWriter() if writer_kind == "thread" else make_writer(device_type)  # as the template picks
+    writers = {"template": make_writer(device_type)}  # as the template picks: a process on CPU
+    if not isinstance(writers["template"], ThreadWriter):
+        writers["thread"] = ThreadWriter()  # for comparison, in the same rounds
     model, optimizer, step = training_state(model_name)
 
     def checkpoint(n: int, to_host=to_cpu) -> dict:  # a sync save copies to the CPU as the template does
@@ -82,52 +86,67 @@ def bench_saves(work: Path, model_name: str, rounds: int, steps: int, writer_kin
     def as_is(tree):  # an asynchronous save: the writer takes the snapshot
         return tree
 
+    def steps_time(count: int) -> float:
+        start = time.perf_counter()
+        for _ in range(count):
+            step()
+        return time.perf_counter() - start
+
     ckpt_dir = work / "ckpt"
     ckpt_dir.mkdir()
     size = save_checkpoint(checkpoint(0), ckpt_dir, 2).stat().st_size
     save_checkpoint(checkpoint(1), ckpt_dir, 2)  # two files: from now on every save prunes one
     # Enough steps around an async save that they outlast its background work (the write, then
     # the pruned file's unlink), as a save interval does in training: what is measured is then the
-    # steps' slowdown, not a wait at the end. Calibrated on one async save while training.
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    step_time = (time.perf_counter() - start) / steps
-    start = time.perf_counter()
-    writer.submit(checkpoint(2, as_is), ckpt_dir, 2)
-    while writer.busy():
-        step()
-    assert writer.wait() is None
-    steps = max(steps, math.ceil(1.5 * (time.perf_counter() - start) / step_time))
-    sync, lost, n = [], [], 2
-    for _ in range(rounds):
+    # steps' slowdown, not a wait at the end. Calibrated on one async save of each writer.
+    step_time, n = steps_time(steps) / steps, 1
+    for writer in writers.values():
+        n += 1
+        start = time.perf_counter()
+        writer.submit(checkpoint(n, as_is), ckpt_dir, 2)
+        while writer.busy():
+            step()
+        assert writer.wait() is None
+        wait_for_pruning()
+        steps = max(steps, math.ceil(1.5 * (time.perf_counter() - start) / step_time))
+    # A round: a sync save, dd, then bare steps, an async save's steps, bare steps (and, on CPU,
+    # the thread writer's save and bare steps again): each async save is compared with the mean of
+    # the bare stretches just before and after it, which cancels a drift of the step time.
+    sync, lost = [], {name: [] for name in writers}
+    for i in range(rounds):
         n += 1
         start = time.perf_counter()
         save_checkpoint(checkpoint(n), ckpt_dir, 2)  # the copy to the CPU counted in
-        sync_time = time.perf_counter() - start
+        sync.append(time.perf_counter() - start)
         wait_for_pruning()  # the unlink of the pruned file, in the background, before dd starts
         dd = dd_fsync(work / "dd", size)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        bare = time.perf_counter() - start
-        n += 1
-        start = time.perf_counter()
-        writer.submit(checkpoint(n, as_is), ckpt_dir, 2)  # as state.save_training_state does
-        for _ in range(steps):
-            step()
-        assert writer.wait() is None
-        wait_for_pruning()  # the async save's unlink is not charged to the next round's sync save
-        lost.append((time.perf_counter() - start - bare) / dd)
-        sync.append(sync_time / dd)
-    writer.close()
+        sync[-1] /= dd
+        before = steps_time(steps)
+        for name in (list(writers) if i % 2 == 0 else list(writers)[::-1]):
+            n += 1
+            start = time.perf_counter()
+            writers[name].submit(checkpoint(n, as_is), ckpt_dir, 2)  # as state.save_training_state does
+            for _ in range(steps):
+                step()
+            assert writers[name].wait() is None
+            wait_for_pruning()  # the thread writer's unlink is charged to it, not to the next save
+            during = time.perf_counter() - start
+            after = steps_time(steps)
+            lost[name].append((during - (before + after) / 2) / dd)
+            before = after
+    for writer in writers.values():
+        writer.close()
     print(f"\n{model_name} + momentum checkpoint, {size / 1e6:.1f} MB, {rounds} interleaved rounds; "
-          f"dd+fsync median {dd:.3f} s in the last round")
+          f"dd+fsync {dd:.3f} s in the last round")
     what = f"{model_name} + momentum ({size / 1e6:.0f} MB)"
     print(f"  (c) sync save (write, fsync, rename, latest, prune) / dd+fsync: "
           f"{record('c', f'{what}: sync save / dd+fsync', sync, '<= 1.1')}")
-    print(f"  (d) loop time lost per async save ({steps} steps around it, {step_time * 1e3:.1f} ms each) "
-          f"/ dd+fsync: {record('d', f'{what}: loop time lost per async save / dd+fsync', lost, '<= 0.2')}")
+    kind = "process" if "thread" in writers else "thread"
+    print(f"  (d) loop time lost per async save ({kind} writer; {steps} steps around it, {step_time * 1e3:.1f} ms "
+          f"each) / dd+fsync: {record('d', f'{what}: loop time lost per async save / dd+fsync', lost['template'], '<= 0.2')}")
+    if "thread" in writers:
+        figure = record("d", f"{what}: the same with a thread writer (for comparison)", lost["thread"])
+        print(f"      the same with a thread writer, in the same rounds: {figure}")
 
 
 def first_step_wall(args: list[str]) -> float:
@@ -202,9 +221,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2,
                         help="training steps around each async save, at least (more if the write lasts longer);"
                              " (d) is a difference of two timings, and its noise grows with their length")
-    parser.add_argument("--writer", choices=("auto", "thread"), default="auto",
-                        help="the asynchronous save's writer: auto (as the template picks: a process on CPU) "
-                             "or a thread, for comparison")
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
@@ -212,7 +228,7 @@ def main() -> None:
     print(describe_machine())
     for model in args.model:
         with tempfile.TemporaryDirectory() as tmp:
-            bench_saves(Path(tmp), model, args.rounds, args.steps, args.writer)
+            bench_saves(Path(tmp), model, args.rounds, args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         bench_resume(Path(tmp), args.model[0], args.rounds)
     bench_reads()
