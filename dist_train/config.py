@@ -48,8 +48,9 @@ class Config:
     save_every_steps: int = _opt(200, "save every N optimizer steps (0: only at epoch ends)")
     save_every_minutes: float = _opt(0.0, "also save every M minutes of wall time, at a step all ranks "
                                           "agree on through the stop agreement (0: off)")
-    async_save: bool = _opt(True, "write checkpoints in a background thread from a copy taken at the step "
-                                  "(training goes on meanwhile; one write in flight at a time)")
+    async_save: bool = _opt(True, "write checkpoints in the background (a writer process on CPU, a thread on "
+                                  "CUDA) from a copy taken at the step (training goes on meanwhile; one write "
+                                  "in flight at a time)")
     read_once: bool = _opt(True, "on resume with several ranks, the main rank alone reads the checkpoint "
                                  "and broadcasts it (else every rank reads the shared file)")
     keep: int = _opt(3, "number of newest checkpoints kept")

@@ -141,8 +141,8 @@ def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress:
                         last_loss: float, config: dict, env: DistEnv, wandb_run_id: str | None = None,
                         writer=None, on_saved=None) -> Path | None:
     """Collective: every rank sends its RNG state, the main rank alone writes. Returns the path on
-    the main rank once written; with a `writer`, the write goes to its background thread (after
-    the previous one), on_saved(path) is called from there, and None is returned.
+    the main rank once written; with a `writer` (async_save), the write goes to the background
+    (after the previous one), on_saved(path) is called once it is done, and None is returned.
 
     Nothing is written when the loss or the weights are not finite (DivergedError on every rank):
     a diverged checkpoint would push the last good ones out. A failed write (disk full, vanished

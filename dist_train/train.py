@@ -146,7 +146,7 @@ def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path, writer
             background when --async-save."""
             epoch, step = progress.epoch, progress.global_step
 
-            def announce(path: Path) -> None:  # from the writer thread when asynchronous
+            def announce(path: Path) -> None:  # when asynchronous: once the writer is done
                 log.info("saved checkpoint %s (epoch %d, step %d, %s)", path, epoch, step, why)
 
             background = writer if config.async_save and not blocking else None

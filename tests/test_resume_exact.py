@@ -81,7 +81,7 @@ def test_kill_inside_a_save_leaves_a_loadable_checkpoint_and_resumes_bit_exactly
                                                                                  session_dir):
     """resnet18's checkpoint (~90 MB with momentum) takes long enough to write that the kill is
     aimed at the instant its temp file exists: inside the save, or (--async-save) while the
-    background thread writes it and training goes on."""
+    background writer writes it and training goes on."""
     args = RESNET_RUN + [mode]
     reference = resnet_reference
 
