@@ -116,20 +116,16 @@ def alive(pid: int) -> bool:
 def test_the_writer_process_dies_with_the_run_and_writes_nothing_after_it(tmp_path):
     """SIGKILL of the training process alone (as an OOM kill of it would be) while its writer is in
     the middle of a write: the writer dies too, and the checkpoint it was writing never appears
-    (no file completes behind the dead run, or behind a relaunch). The writer is frozen around
-    the kill so that it cannot finish in between."""
+    (no file completes behind the dead run, or behind a relaunch)."""
     run_dir, ckpt_dir = tmp_path / "run", tmp_path / "run" / "checkpoints"
     launch = Launch(TINY + ["--model", "resnet18", "--epochs", "1000", "--save-every-steps", "1",
                             "--run-dir", str(run_dir)], tmp_path / "killed.log")
     launch.wait_for(r"saved checkpoint")
     pid = writer_pid(launch)
-    wait_for_a_write_in_flight(launch, ckpt_dir)
-    os.kill(pid, signal.SIGSTOP)
-    before = sorted(p.name for p in ckpt_dir.iterdir())
-    assert [name for name in before if name.endswith(".tmp")], before
+    before = freeze_mid_write(pid, ckpt_dir, launch)
     os.kill(launch.proc.pid, signal.SIGKILL)
     launch.wait()
-    os.kill(pid, signal.SIGCONT)
+    os.kill(pid, signal.SIGCONT)  # free to finish its write, were it still alive
     deadline = time.monotonic() + 10
     while alive(pid):
         assert time.monotonic() < deadline, "the writer process outlived the run"
@@ -137,24 +133,36 @@ def test_the_writer_process_dies_with_the_run_and_writes_nothing_after_it(tmp_pa
     assert sorted(p.name for p in ckpt_dir.iterdir()) == before
 
 
-def wait_for_a_write_in_flight(launch: Launch, ckpt_dir: Path) -> None:
+def freeze_mid_write(pid: int, ckpt_dir: Path, launch: Launch) -> list[str]:
+    """SIGSTOP the writer at an instant when it is writing a checkpoint: its temp file is there
+    for a step newer than every checkpoint (a temp of an older step is a pruned file being
+    unlinked). Returns the directory's names at that instant."""
     deadline = time.monotonic() + 60
-    while not list(ckpt_dir.glob(".step_*.tmp")):
-        assert time.monotonic() < deadline, launch.output()[-2000:]
-        time.sleep(0.001)
+    while True:
+        os.kill(pid, signal.SIGSTOP)
+        names = sorted(p.name for p in ckpt_dir.iterdir())
+        steps = [int(re.search(r"step_(\d+)", name).group(1)) for name in names if name.startswith("step_")]
+        writing = [name for name in names if name.endswith(".tmp") and steps
+                   and int(re.search(r"step_(\d+)", name).group(1)) > max(steps)]
+        if writing:
+            return names
+        os.kill(pid, signal.SIGCONT)
+        assert time.monotonic() < deadline and launch.proc.poll() is None, launch.output()[-2000:]
+        time.sleep(0.002)
 
 
 def test_a_signal_to_the_whole_job_stops_the_run_with_a_checkpoint(tmp_path):
     """SLURM and a terminal signal every process of a job: the writer process must not die of
     SIGTERM (nor act on it) while it writes, or that checkpoint would be lost. resnet18 saved at
-    every step: a write (~90 MB) is in flight when the signal comes."""
+    every step; the signal comes while the writer is held in the middle of a write."""
     run_dir = tmp_path / "run"
     args = TINY + ["--model", "resnet18", "--epochs", "1000", "--save-every-steps", "1", "--run-dir", str(run_dir)]
     launch = Launch(args, tmp_path / "term.log")
     launch.wait_for(r"saved checkpoint .*step_000000002")
-    writer_pid(launch)
-    wait_for_a_write_in_flight(launch, run_dir / "checkpoints")
+    pid = writer_pid(launch)
+    freeze_mid_write(pid, run_dir / "checkpoints", launch)
     os.killpg(launch.proc.pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGCONT)
     assert launch.wait(timeout=120) == exits.TERMINATED, launch.output()[-3000:]
     assert error_lines(launch.output()) == []
     assert "could not save" not in launch.output(), launch.output()[-3000:]
