@@ -86,20 +86,16 @@ class ThreadWriter:
         """Snapshot `checkpoint` (its tensors may change once this returns) and write it in the
         background; on_saved(path) is called from the writer thread. wait() for the previous first."""
         assert self._thread is None, "wait() for the write in flight first"
-        copy = self.snapshot(checkpoint)
-        # One thread: a second (saving.save_checkpoint's pipelined mode) takes the training's core.
-        self.start(lambda: write_checkpoint(copy, ckpt_dir, keep, on_saved, pipelined=False)[1])
-
-    def start(self, job: Callable[[], str | None]) -> None:
-        """Run job() (which returns a one-line problem, or None) in the background."""
+        args = (self.snapshot(checkpoint), ckpt_dir, keep, on_saved)
         # Not a daemon: should the run end by an unexpected exception, the interpreter still
         # finishes the write before it exits (a half-written temp file is harmless, but wasted).
-        self._thread = threading.Thread(target=self._run, args=(job,), name="checkpoint-writer")
+        self._thread = threading.Thread(target=self._run, args=args, name="checkpoint-writer")
         self._thread.start()
 
-    def _run(self, job) -> None:
+    def _run(self, checkpoint: dict, ckpt_dir: Path, keep: int, on_saved) -> None:
         try:
-            self._problem = job()
+            # One thread: a second (save_checkpoint's pipelined mode) takes the training's core.
+            self._problem = write_checkpoint(checkpoint, ckpt_dir, keep, on_saved, pipelined=False)[1]
         except BaseException as error:  # reported at the next step, as a synchronous failure would be
             self._problem = f"could not save a checkpoint: {error}"
 

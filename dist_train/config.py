@@ -300,7 +300,7 @@ def validate(config: Config) -> None:
     if config.wandb_project and config.wandb_mode != "disabled" and importlib.util.find_spec("wandb") is None:
         raise UserError("--wandb-project needs wandb, which is not installed: pip install 'dist_train[wandb]'")
     if config.amp == "fp16":
-        import torch
+        from dist_train.distributed import device_type
 
-        if config.device == "cpu" or not torch.cuda.is_available():
+        if device_type(config.device) != "cuda":
             raise UserError("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 on CPU")

@@ -42,27 +42,27 @@ def rng_state_at_step(seed: int, rank: int, step: int) -> dict:
     without the others (healing.py): python's and numpy's as seed_everything(seed + rank) left them
     (the training draws nothing from them), torch's as seed_step will set it (CUDA's likewise
     reseeded, so left out)."""
-    python = random.Random(seed + rank).getstate()
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.RandomState((seed + rank) % (1 << 32)).get_state()
-    return {
-        "python": {"version": python[0], "state": torch.tensor(python[1], dtype=torch.int64), "gauss": python[2]},
-        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
-        "torch": torch.Generator().manual_seed(step_seed(seed, rank, step)).get_state(),
-        "cuda": None,
-    }
+    return _as_checkpoint_values(random.Random(seed + rank).getstate(),
+                                 np.random.RandomState((seed + rank) % (1 << 32)).get_state(),
+                                 torch.Generator().manual_seed(step_seed(seed, rank, step)).get_state(), None)
 
 
 def capture_rng_state(device: torch.device) -> dict:
     """This process's python, numpy, torch CPU and CUDA RNG states as tensors and plain values."""
-    version, py_state, gauss = random.getstate()
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return _as_checkpoint_values(random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                                 torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _as_checkpoint_values(python: tuple, numpy: tuple, torch_state: torch.Tensor, cuda) -> dict:
+    """python's and numpy's generator states as tensors and plain values (weights_only loads them)."""
+    version, py_state, gauss = python
+    _, np_keys, np_pos, np_has_gauss, np_gauss = numpy
     return {
         "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
         "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
                   "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "torch": torch_state,
+        "cuda": cuda,
     }
 
 
