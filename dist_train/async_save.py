@@ -1,13 +1,15 @@
-"""Asynchronous saves: a snapshot on the main thread, the write in the background.
+"""Asynchronous saves: a snapshot into host buffers, the write in the background.
 
 submit() copies every tensor of the checkpoint into host buffers that are reused from one save to
-the next, so that training may change the weights while the file is written. The background
-writes, fsyncs, renames, moves `latest` and prunes, exactly as a synchronous save does
-(saving.save_checkpoint): a SIGKILL at any instant leaves the previous checkpoint as it was. At
-most one write is in flight: the next save waits for it, and so does every way out of the run (a
-stop, the end of training, a survivor's save, an error).
+the next, so that training may change the weights while the file is written. (The process writer
+copies the optimizer's parameters and state on a thread instead, while the next step's forward
+and backward run; that step's optimizer.step() waits for the copies: see ProcessWriter.defer.)
+The background writes, fsyncs, renames, moves `latest` and prunes, exactly as a synchronous save
+does (saving.save_checkpoint): a SIGKILL at any instant leaves the previous checkpoint as it was.
+At most one write is in flight: the next save waits for it, and so does every way out of the run
+(a stop, the end of training, a survivor's save, an error).
 
-Two writers, one interface (submit, failed, wait, close):
+Two writers, one interface (defer, submit, failed, wait, close):
 - ProcessWriter (CPU training on Linux, the default there): a writer process of its own
   (writer_process.py), since a thread's Python would hold the loop's GIL for 70-100 ms per
   resnet50 save on 2 cores.
@@ -18,6 +20,7 @@ Two writers, one interface (submit, failed, wait, close):
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from pathlib import Path
@@ -82,6 +85,10 @@ class ThreadWriter:
         self._thread: threading.Thread | None = None
         self._problem: str | None = None
 
+    def defer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Nothing to defer: the whole snapshot is taken in submit() (on CUDA, copies queued ahead
+        of the next step's kernels, and synchronized)."""
+
     def submit(self, checkpoint: dict, ckpt_dir: Path, keep: int, on_saved: Callable[[Path], None] | None = None):
         """Snapshot `checkpoint` (its tensors may change once this returns) and write it in the
         background; on_saved(path) is called from the writer thread. wait() for the previous first."""
@@ -132,13 +139,30 @@ class ProcessWriter:
         self._in_flight = False
         self._problem: str | None = None
         self._thread: ThreadWriter | None = None  # once the snapshot found no room in shared memory
+        self._optimizers = []  # whose tensors change only in their step()
+        self._copier: threading.Thread | None = None  # the snapshot's copies deferred until a step
+        self._copier_error: BaseException | None = None
+
+    def defer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The tensors of `optimizer` (its parameters, their state) change only in its step(): a
+        snapshot copies them on a thread of its own while the next step's forward and backward run,
+        and that step() first waits for the copies. The rest of a checkpoint (buffers such as
+        BatchNorm's statistics, which a forward changes) is copied before submit() returns."""
+        self._optimizers.append(optimizer)
+        optimizer.register_step_pre_hook(lambda *_: self.settle())
+
+    def _changes_in_step(self):
+        """Whether a tensor shares its storage with a parameter or state of a deferred optimizer."""
+        storages = {tensor.untyped_storage().data_ptr() for optimizer in self._optimizers
+                    for tensor in optimizer_tensors(optimizer)}
+        return lambda tensor: tensor.untyped_storage().data_ptr() in storages
 
     def submit(self, checkpoint: dict, ckpt_dir: Path, keep: int, on_saved: Callable[[Path], None] | None = None):
         """As ThreadWriter.submit."""
         assert not self._in_flight, "wait() for the write in flight first"
         if self._thread is None:
             try:
-                skeleton = self.region.copy_in(checkpoint)
+                skeleton, left = self.region.copy_in(checkpoint, self._changes_in_step())
             except OSError as error:  # the memfd cannot grow: a file size limit (ulimit -f), no memory
                 log.warning("checkpoints are written in a thread from now on: no room for the snapshot "
                             "in shared memory (%s)", error.strerror or error)
@@ -146,17 +170,38 @@ class ProcessWriter:
         if self._thread is not None:
             return self._thread.submit(checkpoint, ckpt_dir, keep, on_saved)
         self._on_saved, self._in_flight = on_saved, True
+        job = (self.region.size, skeleton, str(ckpt_dir), keep, saving.known_verdicts(ckpt_dir))
+        if left:
+            self._copier = threading.Thread(target=self._copy_and_send, args=(left, job), name="checkpoint-snapshot")
+            self._copier.start()
+        else:
+            try:
+                self._process.send(job)
+            except OSError as error:
+                self._finish(None, _gone(error))
+
+    def _copy_and_send(self, left, job) -> None:
         try:
-            self._process.send((self.region.size, skeleton, str(ckpt_dir), keep, saving.known_verdicts(ckpt_dir)))
-        except OSError as error:  # the writer process is gone (killed by hand, out of memory)
-            self._finish(None, f"could not save a checkpoint: the writer process is gone ({error})")
+            copy_all(left)
+            self._process.send(job)
+        except BaseException as error:  # reported by settle(), on the main thread
+            self._copier_error = error
+
+    def settle(self) -> None:
+        """Wait for the snapshot's deferred copies (not for the write)."""
+        if self._copier is None:
+            return
+        self._copier.join()
+        self._copier = None
+        error, self._copier_error = self._copier_error, None
+        if error is not None:
+            self._finish(None, _gone(error) if isinstance(error, OSError) else f"could not save a checkpoint: {error}")
 
     def _collect(self) -> None:
         try:
             path, problem, verdicts = self._process.receive()
         except (EOFError, OSError) as error:
-            gone = f"the writer process is gone ({str(error) or 'it died'})"
-            path, problem, verdicts = None, f"could not save a checkpoint: {gone}", {}
+            path, problem, verdicts = None, _gone(error), {}
         saving.learn_verdicts(verdicts)  # pruning need not read the file it wrote
         self._finish(path, problem)
 
@@ -168,6 +213,10 @@ class ProcessWriter:
     def busy(self) -> bool:
         if self._thread is not None:
             return self._thread.busy()
+        if self._copier is not None:
+            if self._copier.is_alive():
+                return True
+            self.settle()
         if self._in_flight and self._process.ready():
             self._collect()
         return self._in_flight
@@ -182,6 +231,7 @@ class ProcessWriter:
         """Wait for the write in flight; its problem (once), or None."""
         if self._thread is not None:
             return self._thread.wait()
+        self.settle()
         if self._in_flight:
             self._collect()
         problem, self._problem = self._problem, None
@@ -197,3 +247,25 @@ class ProcessWriter:
         self._process = None
         if problem:
             log.error("%s", problem)
+
+
+def _gone(error: BaseException) -> str:
+    """The writer process died (killed by hand, by the OOM killer): a failed save."""
+    return f"could not save a checkpoint: the writer process is gone ({str(error) or 'it died'})"
+
+
+def copy_all(pairs) -> None:
+    """buffer <- source for each pair, off the main thread."""
+    for buffer, source in pairs:
+        if source.is_contiguous():  # a plain memcpy: copy_ would start an OpenMP team of its own
+            ctypes.memmove(buffer.data_ptr(), source.data_ptr(), source.numel() * source.element_size())
+        else:
+            buffer.copy_(source)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer):
+    """Its parameters and the tensors of their state (momentum buffers, step counts)."""
+    for group in optimizer.param_groups:
+        yield from group["params"]
+    for state in optimizer.state.values():
+        yield from (value for value in state.values() if isinstance(value, torch.Tensor))

@@ -128,6 +128,7 @@ def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path, writer
         test_loader = data.build_eval_loader(test_set, config, env)
         input_shape = train_set[(0, 0)][0].shape  # one sample (seeded, so no RNG is drawn)
         training = build_training(config, env, train_loader.sampler.batches_per_epoch, input_shape)
+        writer.defer(training.optimizer)  # its tensors are copied for a snapshot until its next step
         seed_everything(config.seed + env.rank)  # per-rank streams (dropout etc.) from here on
         progress, wandb_run_id = resume(config, env, training, ckpt_dir)
         log_peak_gpu_memory(env, "after start-up" if progress.global_step == 0 else "after the resume")

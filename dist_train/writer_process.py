@@ -53,16 +53,21 @@ class SharedRegion:
         self._offsets: list[int] = []
         self._buffers: list[torch.Tensor] = []
 
-    def copy_in(self, tree):
-        """Copy the tree's tensors into the region; the tree with a Slot in place of each."""
+    def copy_in(self, tree, later=lambda tensor: False):
+        """Copy the tree's tensors into the region, but those for which later(tensor) holds: the
+        tree with a Slot in place of each tensor, and the copies left to make as (buffer, source)."""
         sources = list(tensors(tree))
         specs = [(tuple(t.shape), t.dtype) for t in sources]
         if specs != self._specs:
             self._lay_out(specs)
+        left = []
         for source, buffer in zip(sources, self._buffers):
-            buffer.copy_(source.detach())
+            if later(source):
+                left.append((buffer, source.detach()))
+            else:
+                buffer.copy_(source.detach())
         slots = iter(Slot(offset, shape, dtype) for offset, (shape, dtype) in zip(self._offsets, specs))
-        return map_leaves(tree, lambda _: next(slots))
+        return map_leaves(tree, lambda _: next(slots)), left
 
     def _lay_out(self, specs) -> None:
         self._offsets, size = layout(specs)

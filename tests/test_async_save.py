@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -16,6 +17,7 @@ from conftest import Launch, assert_bitwise_equal, newest_checkpoint, process_tr
 from test_run_faults import TINY, error_lines
 
 from dist_train import exits
+from dist_train import async_save
 from dist_train.async_save import ProcessWriter
 from dist_train.checkpoint import list_checkpoints
 from dist_train.rundir import RunDirLock
@@ -56,6 +58,53 @@ def test_the_writer_process_writes_what_a_synchronous_save_writes_from_a_snapsho
     finally:
         writer.close()
     assert sorted(p.name for p in async_dir.iterdir()) == sorted(p.name for p in sync_dir.iterdir())
+
+
+def test_an_optimizers_tensors_are_copied_in_the_background_until_its_next_step(tmp_path, monkeypatch):
+    """defer(optimizer): its parameters and momentum are copied off the main thread, and its next
+    step() waits for those copies; the buffers (BatchNorm's statistics, which the next forward
+    changes) are copied before submit() returns. Here the background copies are held back until
+    the next step is under way, and the file must still hold the state of the save's step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.BatchNorm1d(200))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        model(torch.randn(16, 300)).square().mean().backward()  # the forward updates the statistics
+        optimizer.step()
+
+    step()
+    release, held = threading.Event(), []
+    copy_all = async_save.copy_all
+
+    def held_back(pairs) -> None:
+        held.append(len(pairs))
+        release.wait()
+        copy_all(pairs)
+
+    monkeypatch.setattr(async_save, "copy_all", held_back)
+    (tmp_path / "sync").mkdir()
+    (tmp_path / "async").mkdir()
+    writer = ProcessWriter()
+    try:
+        writer.defer(optimizer)
+        checkpoint = {"model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+                      "global_step": 1}
+        expected = save_checkpoint(checkpoint, tmp_path / "sync", keep=1)
+        writer.submit(checkpoint, tmp_path / "async", 1)
+        threading.Timer(0.5, release.set).start()
+        step()
+        waited = release.is_set()
+        assert writer.wait() is None
+    finally:
+        release.set()
+        writer.close()
+    saved = torch.load(expected, weights_only=True)
+    assert_bitwise_equal(torch.load(tmp_path / "async" / expected.name, weights_only=True), saved)
+    assert not torch.equal(model[0].weight.detach(), saved["model_state_dict"]["0.weight"])  # it stepped
+    assert waited  # the step waited for the copies
+    assert held == [8]  # 2 weights, 2 biases, their 4 momentum buffers; not the 3 BatchNorm buffers
 
 
 def records(path: Path) -> dict[str, bytes]:
