@@ -6,11 +6,11 @@
 (c) A synchronous save (saving.save_checkpoint: temp file, fsync, rename, `latest`, prune;
     the pruned file's unlink runs in the background) against `dd ... conv=fsync` of the same
     number of bytes.
-(d) The loop time an asynchronous save costs (snapshot + the slowdown of the steps that run
-    while the writer writes, + any wait at the end), against dd+fsync of the same bytes; the
-    writer the template picks (a process on CPU, a thread on CUDA); on CPU a thread writer too,
-    in the same rounds, for comparison. Each async save is compared with the mean of the bare
-    stretches of steps just before and after it.
+(d) The loop time an asynchronous save costs (its submit(), the slowdown of the steps that run
+    while the writer writes, any wait at the end), against dd+fsync of the same bytes; the writer
+    the template picks (a process on CPU, a thread on CUDA); on CPU a thread writer too, in the
+    same rounds, for comparison. Each step after a save is compared with the same step of a
+    control stretch without a save, in the same round; medians per step over the rounds.
 (e) Time to the first logged step of a whole process: resumed from a checkpoint / fresh.
 (f) Bytes read (/proc/self/io rchar) per resume per rank, 4 ranks (gloo), --read-once on and off.
 (g) The stop agreement's cost per step (bench/agreement_overhead.py under torchrun, 2 ranks).
@@ -23,6 +23,7 @@ import argparse
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,7 @@ def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
     if not isinstance(writers["template"], ThreadWriter):
         writers["thread"] = ThreadWriter()  # for comparison, in the same rounds
     model, optimizer, step = training_state(model_name)
+    writers["template"].defer(optimizer)  # as the template does: copied until the next step
 
     def checkpoint(n: int, to_host=to_cpu) -> dict:  # a sync save copies to the CPU as the template does
         return {"model_state_dict": to_host(model.state_dict()), "optimizer_state_dict":
@@ -86,21 +88,25 @@ def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
     def as_is(tree):  # an asynchronous save: the writer takes the snapshot
         return tree
 
-    def steps_time(count: int) -> float:
-        start = time.perf_counter()
+    def step_times(count: int) -> list[float]:
+        times = []
         for _ in range(count):
+            start = time.perf_counter()
             step()
-        return time.perf_counter() - start
+            times.append(time.perf_counter() - start)
+        return times
 
     ckpt_dir = work / "ckpt"
     ckpt_dir.mkdir()
     size = save_checkpoint(checkpoint(0), ckpt_dir, 2).stat().st_size
     save_checkpoint(checkpoint(1), ckpt_dir, 2)  # two files: from now on every save prunes one
-    # Enough steps around an async save that they outlast its background work (the write, then
+    # Enough steps after an async save that they outlast its background work (the write, then
     # the pruned file's unlink), as a save interval does in training: what is measured is then the
-    # steps' slowdown, not a wait at the end. Calibrated on one async save of each writer.
-    step_time, n = steps_time(steps) / steps, 1
-    for writer in writers.values():
+    # steps' slowdown, not a wait at the end (which is counted all the same). No more steps than
+    # that: a step the save does not touch adds only noise. Calibrated on the second async save
+    # of each writer (the first one maps the memory it writes from).
+    step_time, n, needed = statistics.median(step_times(steps)), 1, []
+    for writer in [*writers.values()] * 2:
         n += 1
         start = time.perf_counter()
         writer.submit(checkpoint(n, as_is), ckpt_dir, 2)
@@ -108,11 +114,16 @@ def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
             step()
         assert writer.wait() is None
         wait_for_pruning()
-        steps = max(steps, math.ceil(1.5 * (time.perf_counter() - start) / step_time))
-    # A round: a sync save, dd, then bare steps, an async save's steps, bare steps (and, on CPU,
-    # the thread writer's save and bare steps again): each async save is compared with the mean of
-    # the bare stretches just before and after it, which cancels a drift of the step time.
-    sync, lost = [], {name: [] for name in writers}
+        needed.append(math.ceil(1.25 * (time.perf_counter() - start) / step_time))
+    steps = max(steps, *needed[len(writers):])
+    # A round: a sync save, dd, then in turn for each writer an async save and the steps after
+    # it, and for comparison the same number of steps with no save (the control); each follows
+    # a settling stretch of as many steps. Each step is timed, and what an async save costs is its
+    # submit(), plus for each step after it the median over the rounds of that step's time less
+    # the control's step at the same place, plus the wait at the end. Medians per step: on this
+    # shared host a step now and then takes twice as long for reasons of its own (one such step
+    # is 0.5 dd), which made the median of whole stretches swing by 0.1 dd from run to run.
+    sync, timed = [], {name: {"submit": [], "steps": [], "wait": []} for name in [*writers, None]}
     for i in range(rounds):
         n += 1
         start = time.perf_counter()
@@ -121,19 +132,23 @@ def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
         wait_for_pruning()  # the unlink of the pruned file, in the background, before dd starts
         dd = dd_fsync(work / "dd", size)
         sync[-1] /= dd
-        before = steps_time(steps)
-        for name in (list(writers) if i % 2 == 0 else list(writers)[::-1]):
+        names = [*writers, None]
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            step_times(steps)  # settling
             n += 1
             start = time.perf_counter()
-            writers[name].submit(checkpoint(n, as_is), ckpt_dir, 2)  # as state.save_training_state does
-            for _ in range(steps):
-                step()
-            assert writers[name].wait() is None
-            wait_for_pruning()  # the thread writer's unlink is charged to it, not to the next save
-            during = time.perf_counter() - start
-            after = steps_time(steps)
-            lost[name].append((during - (before + after) / 2) / dd)
-            before = after
+            if name is not None:
+                writers[name].submit(checkpoint(n, as_is), ckpt_dir, 2)  # as state.save_training_state does
+            submitted = time.perf_counter()
+            during = step_times(steps)
+            waited = time.perf_counter()
+            if name is not None:
+                assert writers[name].wait() is None
+                wait_for_pruning()  # the thread writer's unlink is charged to it, not to the next save
+            waited = time.perf_counter() - waited
+            timed[name]["submit"].append((submitted - start) / dd)
+            timed[name]["steps"].append([t / dd for t in during])
+            timed[name]["wait"].append(waited / dd)
     for writer in writers.values():
         writer.close()
     print(f"\n{model_name} + momentum checkpoint, {size / 1e6:.1f} MB, {rounds} interleaved rounds; "
@@ -142,11 +157,24 @@ def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
     print(f"  (c) sync save (write, fsync, rename, latest, prune) / dd+fsync: "
           f"{record('c', f'{what}: sync save / dd+fsync', sync, '<= 1.1')}")
     kind = "process" if "thread" in writers else "thread"
-    print(f"  (d) loop time lost per async save ({kind} writer; {steps} steps around it, {step_time * 1e3:.1f} ms "
-          f"each) / dd+fsync: {record('d', f'{what}: loop time lost per async save / dd+fsync', lost['template'], '<= 0.2')}")
+    rounds_lost, lost = lost_per_save(timed["template"], timed[None])
+    figure = record("d", f"{what}: loop time lost per async save / dd+fsync", rounds_lost, "<= 0.2", lost)
+    print(f"  (d) loop time lost per async save ({kind} writer; {steps} steps after it, {step_time * 1e3:.1f} ms "
+          f"each) / dd+fsync: {figure}")
     if "thread" in writers:
-        figure = record("d", f"{what}: the same with a thread writer (for comparison)", lost["thread"])
+        rounds_lost, lost = lost_per_save(timed["thread"], timed[None])
+        figure = record("d", f"{what}: the same with a thread writer (for comparison)", rounds_lost, center=lost)
         print(f"      the same with a thread writer, in the same rounds: {figure}")
+
+
+def lost_per_save(timed: dict, control: dict) -> tuple[list[float], float]:
+    """Each round's loss (submit + the steps' excess over the control's + the wait), and the
+    figure: the median submit, plus each step's median excess, plus the median wait."""
+    excess = [[t - c for t, c in zip(steps, control_steps)] for steps, control_steps in zip(timed["steps"], control["steps"])]
+    rounds = [s + sum(e) + w for s, e, w in zip(timed["submit"], excess, timed["wait"])]
+    figure = (statistics.median(timed["submit"]) + sum(statistics.median(t) - statistics.median(c) for t, c in
+              zip(zip(*timed["steps"]), zip(*control["steps"]))) + statistics.median(timed["wait"]))
+    return rounds, figure
 
 
 def first_step_wall(args: list[str]) -> float:

@@ -38,19 +38,22 @@ from cifar_files import write_cifar10  # noqa: E402
 from with_generated_cifar import accept_generated_files  # noqa: E402
 
 
-def summary(values: list[float]) -> str:
-    return f"{statistics.median(values):6.3f} ({min(values):.3f}-{max(values):.3f})"
+def summary(values: list[float], center: float | None = None) -> str:
+    center = statistics.median(values) if center is None else center
+    return f"{center:6.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
 FIGURES: list[dict] = []  # every figure of this run, for --json (bench/all.py builds its table from them)
 
 
-def record(figure: str, what: str, values: list[float], target: str = "") -> str:
+def record(figure: str, what: str, values: list[float], target: str = "", center: float | None = None) -> str:
     """Keep a figure (its ratios over the rounds) and return its summary for printing.
-    target: '>= x' or '<= x', the issue's target for this figure, if it has one."""
-    FIGURES.append({"figure": figure, "what": what, "median": statistics.median(values), "min": min(values),
+    target: '>= x' or '<= x', the issue's target for this figure, if it has one. center: the
+    figure, where it is not the median of the rounds' values (bench/saves.py (d))."""
+    center = statistics.median(values) if center is None else center
+    FIGURES.append({"figure": figure, "what": what, "median": center, "min": min(values),
                     "max": max(values), "rounds": len(values), "target": target})
-    return summary(values)
+    return summary(values, center)
 
 
 def write_figures(path: str | None) -> None:
