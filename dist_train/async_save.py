@@ -153,9 +153,10 @@ class ProcessWriter:
 
     def _changes_in_step(self):
         """Whether a tensor shares its storage with a parameter or state of a deferred optimizer."""
+        strided = lambda tensor: tensor.layout == torch.strided  # noqa: E731 (sparse ones have no storage)
         storages = {tensor.untyped_storage().data_ptr() for optimizer in self._optimizers
-                    for tensor in optimizer_tensors(optimizer)}
-        return lambda tensor: tensor.untyped_storage().data_ptr() in storages
+                    for tensor in optimizer_tensors(optimizer) if strided(tensor)}
+        return lambda tensor: strided(tensor) and tensor.untyped_storage().data_ptr() in storages
 
     def submit(self, checkpoint: dict, ckpt_dir: Path, keep: int, on_saved: Callable[[Path], None] | None = None):
         """As ThreadWriter.submit."""
