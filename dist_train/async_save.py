@@ -214,10 +214,9 @@ class ProcessWriter:
     def busy(self) -> bool:
         if self._thread is not None:
             return self._thread.busy()
-        if self._copier is not None:
-            if self._copier.is_alive():
-                return True
-            self.settle()
+        if self._copier is not None and self._copier.is_alive():
+            return True
+        self.settle()
         if self._in_flight and self._process.ready():
             self._collect()
         return self._in_flight
