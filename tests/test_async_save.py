@@ -11,6 +11,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import Launch, assert_bitwise_equal, newest_checkpoint, process_tree
@@ -114,14 +115,23 @@ def records(path: Path) -> dict[str, bytes]:
                 if not name.endswith(("data.pkl", "serialization_id"))}
 
 
-def test_a_dead_writer_process_is_a_failed_save_and_the_older_checkpoints_stay(tmp_path):
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_dead_writer_process_is_a_failed_save_and_the_older_checkpoints_stay(tmp_path, deferred):
+    """deferred: the checkpoint's weights are an optimizer's, so the job is sent from the copying
+    thread after its copies, and the dead writer is found there."""
+    checkpoints = [a_checkpoint(1), a_checkpoint(2)]
     writer = ProcessWriter()
     try:
-        writer.submit(a_checkpoint(1), tmp_path, 2)
+        if deferred:  # parameters over the checkpoints' own weights (no copy)
+            writer.defer(torch.optim.SGD([torch.nn.Parameter(c["model_state_dict"]["w"]) for c in checkpoints]))
+        writer.submit(checkpoints[0], tmp_path, 2)
         assert writer.wait() is None
         os.kill(writer._process.pid, signal.SIGKILL)  # as the OOM killer would
         os.waitpid(writer._process.pid, 0)
-        writer.submit(a_checkpoint(2), tmp_path, 2)
+        writer.submit(checkpoints[1], tmp_path, 2)
+        assert (writer._copier is not None) == deferred
+        while writer.busy():
+            time.sleep(0.01)
         assert writer.failed()
         problem = writer.wait()
         assert problem.startswith("could not save a checkpoint: the writer process is gone"), problem
