@@ -21,7 +21,9 @@ NUM_KILLS = 20
 # 1,536 images: 48 steps an epoch on 2 ranks, 96 in all, so that 20 launches of a few steps each
 # leave the run unfinished however fast the machine is.
 CHAOS_RUN = SMALL_RUN + ["--fake-size", "1536"]
-FLIP_AT, TRUNCATE_AT = 6, 13  # after these kills, damage the newest file
+# From these kills on, damage the newest file, once there is an older one to fall back on (with
+# the only checkpoint damaged, refusing to start is right: no launch could resume exactly).
+FLIP_AT, TRUNCATE_AT = 6, 13
 
 
 def temp_files(ckpt_dir) -> list[str]:
@@ -78,12 +80,13 @@ def reference_chaos(session_dir) -> dict:
 
 def test_twenty_kills_a_flip_and_a_truncation_end_bitwise_equal(reference_chaos, session_dir):
     seed = int(os.environ.get("CHAOS_SEED", time.time_ns() % 10**6))
+    print(f"chaos seed {seed} (CHAOS_SEED={seed} repeats this run's choices)")  # shown if it fails
     rng = random.Random(seed)
     run_dir = session_dir / "chaos_ws2"
     ckpt_dir = run_dir / "checkpoints"
     # Every kill is a failed launch: --max-failures must not give up on this run.
     args = CHAOS_RUN + ["--save-every-steps", "1", "--run-dir", str(run_dir), "--max-failures", "1000"]
-    started, inside_saves, damaged = time.monotonic(), 0, None
+    started, inside_saves, damaged, to_damage = time.monotonic(), 0, None, ["flip", "truncate"]
     for kill in range(NUM_KILLS):
         launch = Launch(args, session_dir / f"chaos_ws2.{kill}.log", nproc=2)
         if kill % 3 == 2:
@@ -94,9 +97,10 @@ def test_twenty_kills_a_flip_and_a_truncation_end_bitwise_equal(reference_chaos,
         if damaged is not None:  # the launch after the damage skipped the file, naming it
             assert f"skipping checkpoint: {damaged}" in out, out[-3000:]
             damaged = None
-        if kill + 1 in (FLIP_AT, TRUNCATE_AT) and list_checkpoints(ckpt_dir):
+        due = to_damage and kill + 1 >= (FLIP_AT if to_damage[0] == "flip" else TRUNCATE_AT)
+        if due and len(list_checkpoints(ckpt_dir)) >= 2:
             damaged = list_checkpoints(ckpt_dir)[0]
-            if kill + 1 == FLIP_AT:
+            if to_damage.pop(0) == "flip":
                 flip_a_data_byte(damaged, rng)
             else:
                 os.truncate(damaged, damaged.stat().st_size // 2)
@@ -108,3 +112,4 @@ def test_twenty_kills_a_flip_and_a_truncation_end_bitwise_equal(reference_chaos,
     print(f"chaos seed {seed}: {NUM_KILLS} kills ({inside_saves} inside a save), a flip and a truncation, "
           f"{time.monotonic() - started:.0f} s")
     assert inside_saves >= 1
+    assert not to_damage, f"never two checkpoints to damage one of: {to_damage} not done"
