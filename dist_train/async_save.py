@@ -101,8 +101,7 @@ class ThreadWriter:
 
     def _run(self, checkpoint: dict, ckpt_dir: Path, keep: int, on_saved) -> None:
         try:
-            # One thread: a second (save_checkpoint's pipelined mode) takes the training's core.
-            self._problem = write_checkpoint(checkpoint, ckpt_dir, keep, on_saved, pipelined=False)[1]
+            self._problem = write_checkpoint(checkpoint, ckpt_dir, keep, on_saved, background=True)[1]
         except BaseException as error:  # reported at the next step, as a synchronous failure would be
             self._problem = f"could not save a checkpoint: {error}"
 

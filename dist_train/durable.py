@@ -7,7 +7,10 @@ views without copying them while torch.save computes the next tensor's CRC32: th
 the work (checksums, copying into the page cache) run on two cores instead of one after the other.
 Small pieces (zip headers, the pickle) are copied and batched. The kernel is asked to start writing
 each part to disk as soon as it is written (sync_file_range), so the final fsync waits for little
-more than the tail.
+more than the tail. Not so for a save in the background (early_writeback=False), whose time the
+loop does not wait for: on a VM the disk's writes cost CPU time on the host, and while both the
+writer and the training were busy they were taken from the training (steal time, README
+Throughput); written back at the fsync, they run while the writer's core is idle.
 """
 
 from __future__ import annotations
@@ -65,10 +68,12 @@ class _Writer:
     `stable` memory ranges ((start, end) addresses that stay alive and unchanged until close()),
     writes go through a queue to a second thread; a large piece inside those ranges is queued as
     the view it came as, any other piece is copied first (its memory may be reused as soon as
-    write() returns). close() writes what is pending, waits for the queue, raises the first error."""
+    write() returns). close() writes what is pending, waits for the queue, raises the first error.
+    early_writeback: start writing each _WRITEBACK_EVERY bytes to disk as they are handed over."""
 
-    def __init__(self, file, stable=None):
+    def __init__(self, file, stable=None, early_writeback: bool = True):
         self.file, self.error = file, None
+        self._early_writeback = early_writeback and _start_writeback is not None
         self._written = self._flushed = 0
         self._pending = bytearray()
         self._queue = None
@@ -127,7 +132,7 @@ class _Writer:
             self.error = error
             raise
         self._written += count
-        if _start_writeback is not None and self._written - self._flushed >= _WRITEBACK_EVERY:
+        if self._early_writeback and self._written - self._flushed >= _WRITEBACK_EVERY:
             # Only a hint: a failure here (say EINVAL on an odd filesystem) changes nothing, and
             # the fsync that follows every write reports real errors.
             _start_writeback(self.file.fileno(), self._flushed, self._written - self._flushed,
@@ -152,18 +157,19 @@ class _Writer:
 
 
 def write_atomically(path: Path, write, fsync_file: bool = True, fsync_directory: bool = True,
-                     stable=None) -> None:
+                     stable=None, early_writeback: bool = True) -> None:
     """write(file) into a temp file beside `path`, fsync it, rename it over `path`, fsync the dir.
 
     On any failure (a full disk, a vanished directory) the temp file is removed: a failed write
     leaves nothing behind and replaces nothing; the OSError behind it is raised. fsync_file=False
     is for a hint that may be lost in a crash, never for data that is loaded; fsync_directory=False
     for a caller that fsyncs the directory itself once after several renames. `stable`: memory
-    ranges (start, end) that stay alive and unchanged until this returns (see _Writer)."""
+    ranges (start, end) that stay alive and unchanged until this returns; early_writeback: start
+    the disk's writes as the file is written, not only at the fsync (see _Writer)."""
     tmp = temp_path(path)
     try:
         with open(tmp, "wb", buffering=0) as f:
-            writer = _Writer(f, stable)
+            writer = _Writer(f, stable, early_writeback)
             try:
                 try:
                     write(writer)

@@ -17,14 +17,15 @@ from dist_train.checkpoint import (FORMAT_VERSION, LATEST, NewerFormatError, Che
 from dist_train.durable import fsync_dir, temp_path, write_atomically
 
 
-def save_checkpoint(checkpoint: dict, ckpt_dir: Path, keep: int, pipelined: bool = True) -> Path:
+def save_checkpoint(checkpoint: dict, ckpt_dir: Path, keep: int, background: bool = False) -> Path:
     """Write atomically, then move the `latest` marker to it, then prune to the newest `keep`.
 
     The directory must exist (prepare_run_dir makes it): a run directory that vanished mid-run
-    is an error, not something to quietly recreate. pipelined: serialise (the CRC32s) on this
-    thread while a second one writes, for a save the loop waits for; a save that already runs in
-    the background keeps to one thread, as a second would take the core the training runs on
-    (README, Throughput: faster saves, but more loop time lost)."""
+    is an error, not something to quietly recreate. A save the loop waits for serialises (the
+    CRC32s) on this thread while a second one writes, and starts the disk's writes as it goes.
+    background=True (an asynchronous writer's: the loop runs meanwhile) keeps to one thread, as a
+    second would take the core the training runs on, and leaves the disk's writes to the fsync,
+    when that thread has nothing else to do (README, Throughput: both cost the loop time)."""
     ckpt_dir = Path(ckpt_dir)
     path = checkpoint_path(ckpt_dir, checkpoint["global_step"])
     if path.exists() and _is_newer_format(path):
@@ -32,7 +33,7 @@ def save_checkpoint(checkpoint: dict, ckpt_dir: Path, keep: int, pipelined: bool
     # The checkpoint's CPU tensors stay unchanged until the save returns (the caller waits, or
     # wrote them in a snapshot): their bytes are written from where they lie, see durable._Writer.
     write_atomically(path, lambda f: torch.save(checkpoint, f), fsync_directory=False,
-                     stable=memory_ranges(checkpoint) if pipelined else None)
+                     stable=None if background else memory_ranges(checkpoint), early_writeback=not background)
     _remember(path, FORMAT_VERSION)  # written and fsynced here: pruning need not read it again
     # The marker is a hint for people and tools: a resume lists the files (find_latest_valid). So
     # it is not fsynced on its own (a crash may leave it stale or empty, which reads as no
@@ -46,10 +47,10 @@ def save_checkpoint(checkpoint: dict, ckpt_dir: Path, keep: int, pipelined: bool
 
 
 def write_checkpoint(checkpoint: dict, ckpt_dir: Path, keep: int, on_saved=None,
-                     pipelined: bool = True) -> tuple[Path | None, str | None]:
+                     background: bool = False) -> tuple[Path | None, str | None]:
     """save_checkpoint, with a failure as one line: (path, None) or (None, problem)."""
     try:
-        path = save_checkpoint(checkpoint, ckpt_dir, keep, pipelined)
+        path = save_checkpoint(checkpoint, ckpt_dir, keep, background)
     except OSError as error:
         return None, save_failure(error, checkpoint, ckpt_dir, keep)
     except CheckpointError as error:  # a newer-format file where this one would go

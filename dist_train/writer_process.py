@@ -177,8 +177,7 @@ def _serve(conn: Connection, region_fd: int, parent_pid: int) -> None:
                 region, mapped = (mmap.mmap(region_fd, size) if size else None), size
             checkpoint = map_leaves(checkpoint, lambda slot: over(region, slot.offset, slot.shape, slot.dtype), Slot)
             try:
-                # One thread: a second one (pipelined) would take the core the training runs on.
-                path, problem = write_checkpoint(checkpoint, Path(ckpt_dir), keep, pipelined=False)
+                path, problem = write_checkpoint(checkpoint, Path(ckpt_dir), keep, background=True)
                 wait_for_pruning()
             except BaseException as error:  # told to the parent, as a failed thread's would be
                 path, problem = None, f"could not save a checkpoint: {error}"
