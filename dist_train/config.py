@@ -40,7 +40,7 @@ class Config:
     lr_schedule: str = _opt("cosine", "per-step learning-rate schedule", choices=("cosine", "constant"))
     momentum: float = _opt(0.9, "SGD momentum")
     weight_decay: float = _opt(0.0, "SGD weight decay")
-    seed: int = _opt(0, "seed of the model init, shuffling, augmentation and every rank's RNG")
+    seed: int = _opt(0, "seed of the model init, shuffling, augmentation and every rank's RNG (0 to 2**32 - 1)")
     num_workers: int = _opt(2, "DataLoader worker processes per rank (--data-path loader, and evaluation)")
     data_path: str = _opt("device", "device: the training set as uint8 tensors on the device, augmented "
                                     "there in batches; loader: a DataLoader with --num-workers workers "
@@ -281,6 +281,9 @@ def sweep_overrides(path: str, environ) -> list[str]:
     return shlex.split(lines[task])
 
 
+MAX_SEED = (1 << 32) - 1
+
+
 def validate(config: Config) -> None:
     """Reject values that cannot train, before any process group exists."""
     for name in ("lr", "momentum", "weight_decay", "hang_timeout", "save_every_minutes"):
@@ -294,6 +297,8 @@ def validate(config: Config) -> None:
                  "hang_timeout", "max_failures", "save_every_minutes"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
+    if not 0 <= config.seed <= MAX_SEED:  # torch keeps a seed's low 32 bits on the CPU: no aliases
+        raise UserError(f"--seed must be an integer from 0 to {MAX_SEED}, got {config.seed}")
     from dist_train.models import check_model_name
 
     check_model_name(config.model)

@@ -64,6 +64,15 @@ def test_non_finite_flags_are_refused(flag):
             parse_config([flag, value])
 
 
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "99999999999999999999"])
+def test_a_seed_torch_would_alias_or_overflow_on_is_refused(seed):
+    """torch's CPU generator keeps a seed's low 32 bits (0, 2**32 and 2**63 give the same initial
+    weights) and takes -1 as 2**64 - 1; a larger one made an OverflowError at the first seeding."""
+    with pytest.raises(UserError, match=r"^--seed must be an integer from 0 to 4294967295, got"):
+        parse_config(["--seed", seed])
+    assert parse_config(["--seed", "4294967295"]).seed == 4294967295
+
+
 @pytest.mark.parametrize("extra", [["--lr", "nan"], ["--resume", "missing.pt"], ["--config", "missing.toml"]])
 def test_nothing_is_created_before_the_configuration_is_known_to_be_good(tmp_path, extra, capsys):
     run_dir = tmp_path / "run"
