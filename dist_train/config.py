@@ -8,6 +8,7 @@ import importlib.util
 import math
 import os
 import shlex
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,10 +169,9 @@ def parse_config(argv: list[str] | None = None, environ=os.environ) -> Config:
 
 def read_config_file(path: str) -> dict:
     """Flag values from a TOML (.toml) or YAML (.yaml/.yml) file; unknown keys are an error."""
-    try:
-        text = Path(path).read_text()
-    except OSError as error:
-        raise UserError(f"cannot read config file {path}: {error.strerror}") from None
+    if not path.endswith((".toml", ".yaml", ".yml")):
+        raise UserError(f"config file {path}: use a .toml, .yaml or .yml file")
+    text = read_text_file(path, "config file")
     try:
         if path.endswith(".toml"):
             try:
@@ -179,14 +179,10 @@ def read_config_file(path: str) -> dict:
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib
             values = tomllib.loads(text)
-        elif path.endswith((".yaml", ".yml")):
+        else:
             import yaml
 
             values = yaml.safe_load(text) or {}
-        else:
-            raise UserError(f"config file {path}: use a .toml, .yaml or .yml file")
-    except UserError:
-        raise
     except Exception as error:
         raise UserError(f"config file {path} does not parse: {str(error).splitlines()[0]}") from None
     values = {key.replace("-", "_"): value for key, value in values.items()}
@@ -195,6 +191,19 @@ def read_config_file(path: str) -> dict:
     if unknown:
         raise UserError(f"config file {path}: unknown keys {', '.join(unknown)}")
     return values
+
+
+def read_text_file(path: str, what: str) -> str:
+    """A regular file's text; anything else (a FIFO or /dev/stdin would block for ever, /dev/zero
+    fill the memory) is refused unopened."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise UserError(f"{what} {path}: not a regular file")
+        return Path(path).read_text()
+    except OSError as error:
+        raise UserError(f"cannot read {what} {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path}: not UTF-8 text") from None
 
 
 def config_file_argv(values: dict, path: str) -> list[str]:
@@ -270,11 +279,8 @@ def sweep_overrides(path: str, environ) -> list[str]:
     """The flags on line SLURM_ARRAY_TASK_ID of a sweep file (blank and # lines are skipped)."""
     if "SLURM_ARRAY_TASK_ID" not in environ:
         raise UserError("--sweep-file needs a SLURM array task (SLURM_ARRAY_TASK_ID is not set)")
-    try:
-        lines = [line for line in Path(path).read_text().splitlines()
-                 if line.strip() and not line.lstrip().startswith("#")]
-    except OSError as error:
-        raise UserError(f"cannot read sweep file {path}: {error.strerror}") from None
+    lines = [line for line in read_text_file(path, "sweep file").splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
     task = int(environ["SLURM_ARRAY_TASK_ID"])
     if task >= len(lines):
         raise UserError(f"sweep file {path} has {len(lines)} configurations, array task {task} has none")

@@ -20,6 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
+from dist_train.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -59,8 +61,11 @@ class WandbTracker:
                               name=run_name(config.wandb_name, config.run_dir), id=self.run_id,
                               resume="allow", mode=config.wandb_mode, dir=wandb_dir,
                               config=config.to_dict(), settings=_flush_often(wandb))
+        used = Path(self.run.settings.root_dir)  # wandb falls back to the temp directory on its own
+        if used.resolve() != Path(wandb_dir).resolve():
+            log.warning("wandb could not use %s and writes under %s", wandb_dir, used / "wandb")
         log.info("wandb run %s (%s mode) in project %s, files under %s", self.run_id, config.wandb_mode,
-                 config.wandb_project, Path(wandb_dir) / "wandb")
+                 config.wandb_project, used / "wandb")
 
     def log(self, kind: str, metrics: dict, step: int) -> None:
         """Send `metrics` at `step` unless a step at or past it was already sent for this kind."""
@@ -103,8 +108,28 @@ def run_name(name: str | None, run_dir: str) -> str | None:
     return f"{name or Path(run_dir).name}-task{task}"
 
 
+def uses_wandb(config) -> bool:
+    return bool(config.wandb_project) and config.wandb_mode != "disabled"
+
+
+def check_wandb_dir(config) -> None:
+    """Before the run directory: a --wandb-dir (or WANDB_DIR) that cannot be made. wandb itself
+    would fall back to the temp directory, away from where the user looks. Nothing is created:
+    the nearest existing ancestor must be a directory this process may write to."""
+    if not uses_wandb(config) or not config.wandb_dir:
+        return
+    existing = Path(config.wandb_dir).absolute()
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    problem = ("is not a directory" if not existing.is_dir() else
+               "is not writable" if not os.access(existing, os.W_OK | os.X_OK) else None)
+    if problem:
+        raise UserError(f"wandb directory {config.wandb_dir} (--wandb-dir or WANDB_DIR) cannot be made: "
+                        f"{existing} {problem}")
+
+
 def build_tracker(config, is_main: bool, checkpoint_run_id: str | None = None):
-    if not is_main or not config.wandb_project or config.wandb_mode == "disabled":
+    if not is_main or not uses_wandb(config):
         return NullTracker()
     return WandbTracker(config, checkpoint_run_id)
 

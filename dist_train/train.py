@@ -32,7 +32,7 @@ from dist_train.state import (Progress, Training, apply_checkpoint, apply_optimi
                               capture_environment, choose_resume_checkpoint, rescale_progress,
                               save_training_state, weights_are_finite)
 from dist_train.watchdog import AGREEING, EVALUATING, SAVING, SYNCING
-from dist_train.tracking import ProgressReport, build_tracker, setup_logging
+from dist_train.tracking import ProgressReport, build_tracker, check_wandb_dir, setup_logging
 
 log = logging.getLogger("dist_train.train")
 
@@ -93,9 +93,12 @@ def resume(config: Config, env, training: Training, ckpt_dir: Path) -> tuple[Pro
 
 
 def check_before_touching_disk(config: Config, is_main: bool) -> None:
-    """What can be checked without the run directory: the --resume file, the data directory."""
+    """What can be checked without the run directory: the --resume file, the data directory,
+    the wandb directory."""
     if is_main and config.resume:
         load_checkpoint(Path(config.resume), mmap=True)  # verified; read again, onto devices, later
+    if is_main:
+        check_wandb_dir(config)
     data.check_data_dir(config)
 
 

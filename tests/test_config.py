@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import newest_checkpoint, run
+from conftest import REPO, newest_checkpoint, python_env, run
 
 from dist_train import exits
 from dist_train.config import EXACTNESS_FIELDS, HARMLESS_FIELDS, Config, UserError, parse_config
@@ -62,6 +65,24 @@ def test_non_finite_flags_are_refused(flag):
     for value in ("nan", "inf"):
         with pytest.raises(UserError, match="must be a finite number"):
             parse_config([flag, value])
+
+
+@pytest.mark.parametrize("flag, name, what", [("--config", "c.toml", "config file"),
+                                             ("--sweep-file", "sweep.txt", "sweep file")])
+def test_a_config_or_sweep_file_that_is_not_a_regular_file_is_refused_unread(tmp_path, flag, name, what):
+    """A FIFO (or /dev/stdin) would block for ever, /dev/zero would fill the memory; in a
+    subprocess, so that a read that never ends fails the test instead of hanging the suite."""
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    probe = ("import sys\n"
+             "from dist_train.config import UserError, parse_config\n"
+             "try:\n"
+             "    parse_config(sys.argv[1:], {'SLURM_ARRAY_TASK_ID': '0'})\n"
+             "except UserError as error:\n"
+             "    print(error)\n")
+    out = subprocess.run([sys.executable, "-c", probe, flag, str(fifo)], env=python_env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out == f"{what} {fifo}: not a regular file\n"
 
 
 @pytest.mark.parametrize("seed", ["-1", "4294967296", "99999999999999999999"])

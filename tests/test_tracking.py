@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import termios
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,6 +159,28 @@ def test_a_missing_wandb_is_one_line_naming_the_extra(tmp_path, monkeypatch, cap
     assert code == 2 and err == ("error: --wandb-project needs wandb, which is not installed: "
                                  "pip install 'dist_train[wandb]'\n")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_wandb_dir_that_cannot_be_made_is_one_line_before_the_run_dir(tmp_path, capsys, restore_signals):
+    (tmp_path / "afile").write_text("")
+    code = cli_main(["train", "--dataset", "fake", "--run-dir", str(tmp_path / "run"), "--wandb-project", "p",
+                     "--wandb-mode", "offline", "--wandb-dir", str(tmp_path / "afile" / "w")])
+    assert code == 2 and capsys.readouterr().err == (
+        f"error: wandb directory {tmp_path / 'afile' / 'w'} (--wandb-dir or WANDB_DIR) cannot be made: "
+        f"{tmp_path / 'afile'} is not a directory\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_where_wandb_falls_back_to_another_directory_the_log_says_where(tmp_path):
+    """A directory the checks cannot see as unusable (root may write anywhere but into /proc):
+    wandb then writes under the temp directory, and the log must not name the asked-for one."""
+    asked = "/proc/dist-train-no-such-dir"
+    out = run(["--dataset", "fake", "--fake-size", "32", "--batch-size", "16", "--epochs", "1", "--num-workers", "0",
+               "--no-eval", "--run-dir", str(tmp_path / "run"), "--wandb-project", "p", "--wandb-mode", "offline",
+               "--wandb-dir", asked], env_extra={"TMPDIR": str(tmp_path)}).stdout
+    warning = re.search(r"WARNING wandb could not use (\S+) and writes under (\S+)", out)
+    assert warning and warning[1] == asked and warning[2].startswith(str(tmp_path)), out
+    assert list(Path(warning[2]).glob("offline-run-*/run-*.wandb"))
 
 
 def test_a_run_trained_with_wandb_evaluates_without_it(reference_ws1, tmp_path, monkeypatch, capsys):
