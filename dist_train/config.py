@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dist_train.errors import CheckpointError, UserError  # noqa: F401  (re-exported)
+from dist_train.errors import CheckpointError, UserError, environment_int  # noqa: F401  (re-exported)
 
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -281,7 +281,7 @@ def sweep_overrides(path: str, environ) -> list[str]:
         raise UserError("--sweep-file needs a SLURM array task (SLURM_ARRAY_TASK_ID is not set)")
     lines = [line for line in read_text_file(path, "sweep file").splitlines()
              if line.strip() and not line.lstrip().startswith("#")]
-    task = int(environ["SLURM_ARRAY_TASK_ID"])
+    task = environment_int(environ, "SLURM_ARRAY_TASK_ID")
     if task >= len(lines):
         raise UserError(f"sweep file {path} has {len(lines)} configurations, array task {task} has none")
     return shlex.split(lines[task])

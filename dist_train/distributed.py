@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from dist_train.config import UserError
+from dist_train.errors import environment_int
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,31 @@ class DistEnv:
 
 
 def discover_ranks(environ=os.environ) -> tuple[int, int, int]:
-    """(rank, local_rank, world_size): torchrun's variables win, then srun's, else (0, 0, 1)."""
+    """(rank, local_rank, world_size): torchrun's variables win, then srun's, else (0, 0, 1).
+    Values that cannot be a launcher's are a UserError naming the variable."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
-        return int(environ["RANK"]), int(environ.get("LOCAL_RANK", 0)), int(environ["WORLD_SIZE"])
-    if in_srun_step(environ):
-        return int(environ["SLURM_PROCID"]), int(environ["SLURM_LOCALID"]), int(environ["SLURM_NTASKS"])
-    return 0, 0, 1
+        names = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+    elif in_srun_step(environ):
+        names = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
+    else:
+        return 0, 0, 1
+    rank, local_rank = environment_int(environ, names[0]), environment_int(environ, names[1], default=0)
+    world_size = environment_int(environ, names[2], minimum=1)
+    if rank >= world_size:
+        raise UserError(f"{names[0]}={rank} is not below {names[2]}={world_size}: a rank is 0 to world size - 1")
+    if names[0] == "RANK" and world_size > 1:  # srun's ranks derive the address (slurm_master_addr_port)
+        if not environ.get("MASTER_ADDR"):
+            raise UserError(f"WORLD_SIZE={world_size} but MASTER_ADDR is not set: launch with torchrun, "
+                            "or unset RANK and WORLD_SIZE to run one process")
+        master_port(environ)
+    return rank, local_rank, world_size
+
+
+def master_port(environ) -> int:
+    port = environment_int(environ, "MASTER_PORT", minimum=1)
+    if port > 65535:
+        raise UserError(f"MASTER_PORT={environ['MASTER_PORT']!r} in the environment is not a port (1 to 65535)")
+    return port
 
 
 def in_srun_step(environ=os.environ) -> bool:
@@ -55,8 +75,9 @@ def slurm_master_addr_port(environ=os.environ) -> tuple[str, str]:
         hosts = subprocess.run(["scontrol", "show", "hostnames", environ["SLURM_JOB_NODELIST"]],
                                capture_output=True, text=True, check=True).stdout.split()
         addr = hosts[0]
-    port = environ.get("MASTER_PORT") or str(15000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)
-    return addr, port
+    if environ.get("MASTER_PORT"):
+        return addr, str(master_port(environ))
+    return addr, str(15000 + environment_int(environ, "SLURM_JOB_ID", default=0) % 20000)
 
 
 def device_type(choice: str) -> str:

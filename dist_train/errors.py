@@ -4,6 +4,8 @@ Torch-free, so that the dist-train command and the config parser can catch them 
 torch; config.py re-exports UserError and CheckpointError for older imports.
 """
 
+from __future__ import annotations
+
 from dist_train import exits
 
 
@@ -39,6 +41,22 @@ class GaveUp(Exception):
     """--max-failures launches in a row failed without completing an epoch."""
 
     exit_code = exits.GAVE_UP
+
+
+def environment_int(environ, name: str, default: int | None = None, minimum: int = 0) -> int:
+    """An integer the launcher (torchrun, srun, sbatch) put in the environment; anything else, say
+    a hand-set RANK=x or WORLD_SIZE=0, is a UserError naming the variable, not a traceback."""
+    value = environ.get(name)
+    if value is None and default is not None:
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < minimum:
+        raise UserError(f"{name}={value!r} in the environment is not a whole number >= {minimum} (torchrun, "
+                        "srun or sbatch set it; unset it to run one process)")
+    return number
 
 
 RUN_ERRORS = (UserError, CheckpointError, DivergedError, SaveFailedError, GaveUp)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dist_train import exits
+from dist_train.errors import environment_int
 
 if TYPE_CHECKING:
     from dist_train.distributed import DistEnv
@@ -169,8 +170,10 @@ def die_with_launcher(environ=os.environ) -> None:
         os._exit(exits.TERMINATED)
 
 
-def restart_count() -> int:
-    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+def restart_count(environ=os.environ) -> int:
+    if not environ.get("SLURM_RESTART_COUNT"):  # unset, or empty: no restart yet
+        return 0
+    return environment_int(environ, "SLURM_RESTART_COUNT")
 
 
 def slurm_job_to_requeue(environ=os.environ) -> str | None:

@@ -288,8 +288,9 @@ def run_epochs(config, env, training, progress, train_loader, test_loader, stop_
 def main(argv: list[str] | None = None, stop_flag: StopFlag | None = None) -> int:
     """Train; `stop_flag` is the one the entry point installed before importing torch."""
     stop_flag = stop_flag or StopFlag().install()
-    is_main = distributed.discover_ranks()[0] == 0
+    is_main = True  # until the ranks are known: a broken launcher environment is every process's to tell
     try:
+        is_main = distributed.discover_ranks()[0] == 0
         return train(parse_config(argv), stop_flag)
     except RUN_ERRORS as error:
         if is_main or isinstance(error, distributed.RankError):

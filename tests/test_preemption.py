@@ -11,8 +11,9 @@ import pytest
 
 from dist_train.config import UserError, default_run_dir, parse_config
 from dist_train.distributed import discover_ranks
-from dist_train import preemption
+from dist_train import exits, preemption
 from dist_train.preemption import NONE, REQUEUE, TERMINATE, StopFlag, requeue_slurm_job
+from dist_train.train import main as train_main
 
 
 def test_signals_set_the_strongest_request_once(restore_signals):
@@ -96,9 +97,45 @@ def test_requeue_targets_the_array_task_and_stops_at_max_requeues(monkeypatch, t
 def test_rank_discovery_torchrun_wins_over_srun():
     srun = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"}
     assert discover_ranks(srun) == (3, 1, 4)
-    assert discover_ranks(srun | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}) == (0, 0, 2)
+    torchrun = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}
+    assert discover_ranks(srun | torchrun) == (0, 0, 2)
     batch_script = {k: v for k, v in srun.items() if k != "SLURM_STEP_ID"}  # no srun: one process
     assert discover_ranks(batch_script) == (0, 0, 1)
+
+
+TORCHRUN = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}
+SRUN = {"SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"}
+
+
+@pytest.mark.parametrize("environ, message", [
+    (TORCHRUN | {"RANK": "x"}, "RANK='x' in the environment is not a whole number"),
+    (TORCHRUN | {"LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' in the environment is not a whole number >= 0"),
+    (TORCHRUN | {"WORLD_SIZE": "0"}, "WORLD_SIZE='0' in the environment is not a whole number >= 1"),
+    (TORCHRUN | {"RANK": "2"}, "RANK=2 is not below WORLD_SIZE=2"),
+    ({k: v for k, v in TORCHRUN.items() if k != "MASTER_ADDR"}, "WORLD_SIZE=2 but MASTER_ADDR is not set"),
+    (TORCHRUN | {"MASTER_PORT": "abc"}, "MASTER_PORT='abc' in the environment is not a whole number"),
+    (TORCHRUN | {"MASTER_PORT": "70000"}, "MASTER_PORT='70000' in the environment is not a port (1 to 65535)"),
+    (SRUN | {"SLURM_PROCID": "one"}, "SLURM_PROCID='one' in the environment is not a whole number"),
+    (SRUN | {"SLURM_PROCID": "5"}, "SLURM_PROCID=5 is not below SLURM_NTASKS=2"),
+])
+def test_a_broken_launcher_environment_is_one_line_naming_the_variable(environ, message):
+    with pytest.raises(UserError) as caught:
+        discover_ranks(environ)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_broken_launcher_environment_ends_a_launch_with_one_line(tmp_path, monkeypatch, capsys, restore_signals):
+    monkeypatch.setenv("RANK", "x")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train_main(["--dataset", "fake", "--run-dir", str(tmp_path / "run")]) == exits.USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("error: RANK='x' in the environment") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "sweep.txt").write_text("--seed 1\n")
+    with pytest.raises(UserError, match="SLURM_ARRAY_TASK_ID='abc' in the environment is not a whole number"):
+        parse_config(["--sweep-file", str(tmp_path / "sweep.txt")], {"SLURM_ARRAY_TASK_ID": "abc"})
+    with pytest.raises(UserError, match="SLURM_RESTART_COUNT='-3' in the environment is not a whole number"):
+        preemption.restart_count({"SLURM_RESTART_COUNT": "-3"})
 
 
 def test_run_directory_and_sweep_line_come_from_the_array_task(tmp_path):
