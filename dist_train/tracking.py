@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from dist_train.errors import UserError
+from dist_train.errors import SaveFailedError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,15 @@ class WandbTracker:
     def _write_state(self) -> None:
         # Replaced atomically but not fsynced (unlike durable.write_atomically): it is written at
         # every logged step, and a process kill, unlike a power loss, keeps the page cache.
+        # Without it a resume would send steps again (or open another run): a write that fails (a
+        # full disk) ends the run as a failed save does, the checkpoints untouched.
         tmp = self._state_path.with_name(".wandb.json.tmp")
-        tmp.write_text(json.dumps({"run_id": self.run_id, "logged": self._logged}))
-        os.replace(tmp, self._state_path)
+        try:
+            tmp.write_text(json.dumps({"run_id": self.run_id, "logged": self._logged}))
+            os.replace(tmp, self._state_path)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise SaveFailedError(f"could not write {self._state_path}: {error.strerror or error}") from None
 
 
 def _flush_often(wandb):

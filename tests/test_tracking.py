@@ -171,6 +171,19 @@ def test_a_wandb_dir_that_cannot_be_made_is_one_line_before_the_run_dir(tmp_path
     assert not (tmp_path / "run").exists()
 
 
+def test_a_wandb_record_that_cannot_be_written_is_one_line_and_exit_4(tmp_path, capsys, restore_signals):
+    """RUN_DIR/wandb.json (the run id, and the last step sent) replaced by a directory; the same
+    path is taken by a full disk at any logged step."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "wandb.json").mkdir()
+    code = cli_main(["train", "--dataset", "fake", "--fake-size", "32", "--num-workers", "0", "--run-dir",
+                     str(tmp_path / "run"), "--wandb-project", "p", "--wandb-mode", "offline"])
+    err = capsys.readouterr().err  # after the log's start-up lines
+    assert code == 4 and err.endswith(f"\nerror: could not write {tmp_path / 'run' / 'wandb.json'}: Is a directory\n")
+    assert "Traceback" not in err
+    assert [p.name for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")] == []
+
+
 def test_where_wandb_falls_back_to_another_directory_the_log_says_where(tmp_path):
     """A directory the checks cannot see as unusable (root may write anywhere but into /proc):
     wandb then writes under the temp directory, and the log must not name the asked-for one."""
