@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -74,22 +75,33 @@ def inspect_command(args) -> int:
 def export_command(args) -> int:
     import torch
 
-    from dist_train.checkpoint import resolve_checkpoint
+    from dist_train.checkpoint import resolve_checkpoint, step_in_name
+    from dist_train.durable import write_atomically
     from dist_train.models import strip_wrapper_prefixes
 
+    out = Path(args.out)
+    if out.suffix not in (".safetensors", ".pt"):
+        raise UserError(f"--out {out}: use a .safetensors or .pt file name")
     path, checkpoint = resolve_checkpoint(args.checkpoint)
+    if out.exists() and os.path.samefile(out, path):
+        raise UserError(f"--out {out} is the checkpoint being exported; name another file")
+    if step_in_name(out) is not None:
+        raise UserError(f"--out {out} is named like a checkpoint (step_N.pt), which a run would take for "
+                        "one; name it otherwise")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
              for k, v in strip_wrapper_prefixes(checkpoint["model_state_dict"]).items()}
-    out = Path(args.out)
     if out.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(state, str(out), metadata={"source": str(path), "model": str(checkpoint["config"].get("model"))})
-    elif out.suffix == ".pt":
-        torch.save(state, out)
+        data = save(state, metadata={"source": str(path), "model": str(checkpoint["config"].get("model"))})
+        write = lambda f: f.write(data)  # noqa: E731
     else:
-        raise UserError(f"--out {out}: use a .safetensors or .pt file name")
+        write = lambda f: torch.save(state, f)  # noqa: E731
+    try:  # whole or absent: a failed write leaves no half file, and replaces nothing
+        write_atomically(out, write)
+    except OSError as error:
+        raise UserError(f"--out {out}: could not write it ({error.strerror or error})") from None
     print(f"exported {len(state)} tensors of {path} to {out} ({out.stat().st_size} bytes)")
     return 0
 

@@ -66,6 +66,28 @@ def test_export_model_weights_for_inference(reference_ws1, tmp_path, capsys, suf
     assert all(w.dtype == want and torch.equal(w, source[k].to(want)) for k, w in weights.items())
 
 
+def test_export_never_writes_over_a_checkpoint_and_fails_in_one_line(reference_ws1, tmp_path, capsys):
+    """--out on the checkpoint itself once replaced the run's only good file with bare weights."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_ws1 / "checkpoints", run_dir / "checkpoints")
+    newest = run_dir / "checkpoints" / "step_000000048.pt"
+    (tmp_path / "model.pt").symlink_to(newest)  # the same file under another name
+    before = newest.read_bytes()
+    for out, message in ((newest, "is the checkpoint being exported"),
+                         (tmp_path / "model.pt", "is the checkpoint being exported"),
+                         (run_dir / "checkpoints" / "step_000000099.pt", "is named like a checkpoint"),
+                         (tmp_path / "afile" / "w.safetensors", "could not write"),
+                         (tmp_path / "afile" / "w.pt", "could not write")):
+        (tmp_path / "afile").write_text("")
+        code, _, err = run_cli(["export", str(run_dir), "--out", str(out)], capsys)
+        assert code == 2 and err.startswith(f"error: --out {out}") and message in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert newest.read_bytes() == before
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "latest", "step_000000040.pt", "step_000000045.pt", "step_000000048.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "model.pt", "run"]  # no temp file left
+
+
 def test_evaluate_subcommand(reference_ws1, capsys):
     code, out, _ = run_cli(["evaluate", str(reference_ws1 / "checkpoints" / "step_000000045.pt")], capsys)
     assert code == 0 and "step_000000045.pt: test loss" in out and "(96 images)" in out
