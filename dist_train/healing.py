@@ -21,6 +21,7 @@ from pathlib import Path
 
 from dist_train import exits
 from dist_train.distributed import side_store
+from dist_train.errors import SaveFailedError
 from dist_train.watchdog import COMPUTING, CONSISTENT, Watchdog
 
 log = logging.getLogger(__name__)
@@ -64,17 +65,26 @@ def record_epoch_done(run_dir: Path, next_epoch: int) -> None:
 
 
 def _read(path: Path) -> dict:
+    """The record, or {} where there is none or it is not one (a file anyone can edit)."""
     try:
         record = json.loads(path.read_text())
-        return record if isinstance(record, dict) else {}
     except (OSError, ValueError):
         return {}
+    counts = [record.get(key) for key in ("epoch", "failures")] if isinstance(record, dict) else [None]
+    if not all(type(n) is int and n >= 0 for n in counts):
+        log.warning("ignoring %s: not a record of failures", path)
+        return {}
+    return record
 
 
 def _write(path: Path, record: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, path)
+    except OSError as error:  # a full disk: the run stops as a failed save does
+        tmp.unlink(missing_ok=True)
+        raise SaveFailedError(f"could not write {path}: {error.strerror or error}") from None
 
 
 def track_forward(model, watchdog: Watchdog) -> None:

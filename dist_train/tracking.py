@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 import uuid
@@ -79,10 +80,7 @@ class WandbTracker:
         self.run.finish()
 
     def _read_state(self) -> dict:
-        try:
-            return json.loads(self._state_path.read_text())
-        except (OSError, ValueError):
-            return {}
+        return read_wandb_record(self._state_path)
 
     def _write_state(self) -> None:
         # Replaced atomically but not fsynced (unlike durable.write_atomically): it is written at
@@ -96,6 +94,22 @@ class WandbTracker:
         except OSError as error:
             tmp.unlink(missing_ok=True)
             raise SaveFailedError(f"could not write {self._state_path}: {error.strerror or error}") from None
+
+
+def read_wandb_record(path: Path) -> dict:
+    """RUN_DIR/wandb.json, or {} where there is none or it is not one (a file anyone can edit):
+    then the checkpoint's run id, or a new one, is used."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    ok = (isinstance(record, dict) and isinstance(record.get("run_id"), str)
+          and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", record["run_id"]) and isinstance(record.get("logged"), dict)
+          and all(isinstance(k, str) and type(v) is int for k, v in record["logged"].items()))
+    if not ok:
+        log.warning("ignoring %s: not a record of a wandb run", path)
+        return {}
+    return record
 
 
 def _flush_often(wandb):

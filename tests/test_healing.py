@@ -11,6 +11,7 @@ import pytest
 
 from conftest import REPO, SMALL_RUN, Launch, assert_same_training_state, newest_checkpoint
 from dist_train import exits, healing
+from dist_train.errors import SaveFailedError
 from dist_train.watchdog import AGREEING, COMPUTING, LOADING, Beat, Seen, find_fault
 
 
@@ -44,6 +45,23 @@ def test_failures_are_counted_until_an_epoch_completes(tmp_path):
     assert healing.count_launch(tmp_path, 1, 2) == 0
     healing.record_epoch_done(tmp_path, next_epoch=2)
     assert healing.count_launch(tmp_path, 2, 2) == 1
+
+
+@pytest.mark.parametrize("text", ['[1, 2]', '{"epoch": 0, "failures": "9"}', '{"epoch": 0, "failures": -5}',
+                                  '{"epoch": 0, "failures": true}', "not json", ""])
+def test_a_damaged_failure_record_counts_as_none(tmp_path, text):
+    """RUN_DIR/failures.json is a file anyone can edit: what is not a count is no count, not a
+    TypeError at start (nor a negative count that would never stop a failing run)."""
+    (tmp_path / healing.FAILURES_FILE).write_text(text)
+    assert healing.count_launch(tmp_path, next_epoch=0, max_failures=2) == 0
+    assert healing.count_launch(tmp_path, next_epoch=0, max_failures=2) == 1
+
+
+def test_a_failure_record_that_cannot_be_written_is_a_failed_save(tmp_path):
+    (tmp_path / healing.FAILURES_FILE).mkdir()
+    with pytest.raises(SaveFailedError, match=f"^could not write {tmp_path / healing.FAILURES_FILE}: Is a directory$"):
+        healing.count_launch(tmp_path, next_epoch=0, max_failures=2)
+    assert [p.name for p in tmp_path.iterdir()] == [healing.FAILURES_FILE]  # no temp file left
 
 
 def test_the_relaunch_loop_stops_on_every_code_a_relaunch_would_not_change():

@@ -184,6 +184,20 @@ def test_a_wandb_record_that_cannot_be_written_is_one_line_and_exit_4(tmp_path, 
     assert [p.name for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")] == []
 
 
+@pytest.mark.parametrize("text", ['[1]', '{"run_id": 5, "logged": {}}', '{"run_id": "a/b", "logged": {}}',
+                                  '{"run_id": "abc", "logged": {"train": "9"}}', '{"run_id": "abc", "logged": []}'])
+def test_a_damaged_wandb_record_is_ignored_with_a_warning(tmp_path, text, caplog):
+    """RUN_DIR/wandb.json edited by hand: the checkpoint's run id (or a new one) is used, and
+    nothing crashes in the middle of a training at the first logged step."""
+    from dist_train.tracking import read_wandb_record
+
+    (tmp_path / "wandb.json").write_text(text)
+    assert read_wandb_record(tmp_path / "wandb.json") == {}
+    assert "ignoring" in caplog.text and "wandb.json" in caplog.text
+    (tmp_path / "wandb.json").write_text('{"run_id": "abc123", "logged": {"train": 9}}')
+    assert read_wandb_record(tmp_path / "wandb.json") == {"run_id": "abc123", "logged": {"train": 9}}
+
+
 def test_where_wandb_falls_back_to_another_directory_the_log_says_where(tmp_path):
     """A directory the checks cannot see as unusable (root may write anywhere but into /proc):
     wandb then writes under the temp directory, and the log must not name the asked-for one."""
