@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dist_train import exits
 from dist_train.distributed import side_store
-from dist_train.errors import SaveFailedError
+from dist_train.errors import SaveFailedError, UserError
 from dist_train.watchdog import COMPUTING, CONSISTENT, Watchdog
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def parse_fault(text: str | None) -> tuple[str, int, int] | None:
     kind, _, where = text.partition("@")
     rank, _, step = where.partition(":")
     if kind not in ("raise", "kill", "stop") or not rank.isdigit() or not step.isdigit():
-        raise ValueError(f"{FAULT_VARIABLE}={text!r}: expected raise|kill|stop@RANK:STEP")
+        raise UserError(f"{FAULT_VARIABLE}={text!r}: expected raise|kill|stop@RANK:STEP")
     return kind, int(rank), int(step)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, SMALL_RUN, Launch, assert_same_training_state, newest_checkpoint
 from dist_train import exits, healing
-from dist_train.errors import SaveFailedError
+from dist_train.errors import SaveFailedError, UserError
 from dist_train.watchdog import AGREEING, COMPUTING, LOADING, Beat, Seen, find_fault
 
 
@@ -73,7 +73,7 @@ def test_the_relaunch_loop_stops_on_every_code_a_relaunch_would_not_change():
 
 def test_fault_injection_is_refused_when_malformed():
     assert healing.parse_fault("kill@1:7") == ("kill", 1, 7)
-    with pytest.raises(ValueError, match="raise|kill|stop@RANK:STEP"):
+    with pytest.raises(UserError, match="raise|kill|stop@RANK:STEP"):  # one line, exit 2
         healing.parse_fault("explode@1:7")
 
 
