@@ -112,6 +112,18 @@ def _cifar10(config: Config, train: bool):
         raise _missing_cifar10(config) from error
 
 
+def download_cifar10(data_dir: str) -> None:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        CIFAR10(data_dir, train=True, download=True)
+        CIFAR10(data_dir, train=False, download=True)
+    except (OSError, RuntimeError) as error:  # no network (URLError), a full disk, a bad archive
+        reason = str(getattr(error, "reason", None) or error).strip().splitlines()[0]
+        raise UserError(f"could not download CIFAR-10 into {data_dir}: {reason}; download it where there "
+                        "is network and point --data-dir at it, or use --dataset fake") from None
+
+
 def _missing_cifar10(config: Config) -> UserError:
     return UserError(f"CIFAR-10 not found or corrupted under {Path(config.data_dir).resolve()} "
                      f"(expected cifar-10-batches-py/ there): pass --download on a machine with "
@@ -137,10 +149,7 @@ def build_datasets(config: Config, env: DistEnv) -> tuple[Dataset, Dataset]:
     else:
         if config.download:
             if env.is_main:
-                from torchvision.datasets import CIFAR10
-
-                CIFAR10(config.data_dir, train=True, download=True)
-                CIFAR10(config.data_dir, train=False, download=True)
+                download_cifar10(config.data_dir)
             barrier(env)  # the other ranks wait for the download
         train, test = _cifar10(config, True), _cifar10(config, False)
     test.transform = eval_transform()

@@ -147,6 +147,22 @@ def test_loading_batches_never_touches_a_global_rng(data_path, monkeypatch):
     assert torch.equal(before[0], after[0]) and before[1] == after[1] and np.array_equal(before[2], after[2])
 
 
+def test_a_failed_download_is_one_line(tmp_path, monkeypatch):
+    """No network (the URL points at a closed local port, so that a machine with network does not
+    fetch 170 MB): one line naming the directory and what to do, not urllib's traceback."""
+    from torchvision.datasets import CIFAR10
+
+    from dist_train.config import UserError
+
+    monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    config = Config(dataset="cifar10", data_dir=str(tmp_path / "data"), download=True)
+    with pytest.raises(UserError) as caught:
+        build_datasets(config, env(0, 1))
+    message = str(caught.value)
+    assert message.startswith(f"could not download CIFAR-10 into {tmp_path / 'data'}: ") and "\n" not in message
+    assert "Connection refused" in message and "--data-dir" in message
+
+
 def test_digits_are_real_32x32_rgb_images_with_a_fixed_split():
     from dist_train.data import build_digits
 
