@@ -150,6 +150,11 @@ def check_contents(path: Path, checkpoint) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in checkpoint]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
+    for key, least in (("epoch", 0), ("global_step", 0), ("next_epoch", 0), ("next_batch", 0), ("world_size", 1)):
+        if type(checkpoint[key]) is not int or checkpoint[key] < least:  # not bool, not float
+            raise CheckpointError(f"{path}: not a dist_train checkpoint, {key} is {checkpoint[key]!r}")
+    if type(checkpoint["loss"]) not in (float, int):
+        raise CheckpointError(f"{path}: not a dist_train checkpoint, loss is {checkpoint['loss']!r}")
     step = step_in_name(path)
     if step is not None and step != checkpoint["global_step"]:
         # Resuming from it would retrain from the wrong step, and a requeue chain would loop.

@@ -237,6 +237,16 @@ def test_a_file_whose_step_disagrees_with_its_name_is_broken(tmp_path):
     assert find_latest_valid(tmp_path)[0] == checkpoint_path(tmp_path, 5)
 
 
+@pytest.mark.parametrize("key, value", [("global_step", "5"), ("next_batch", -1), ("world_size", 0),
+                                        ("epoch", 1.0), ("next_epoch", True), ("loss", "low")])
+def test_a_checkpoint_whose_counters_are_not_counts_is_refused(tmp_path, key, value):
+    """Written by other code (its checksums then agree): a resume would do arithmetic on them."""
+    checkpoint = trained_checkpoint(5) | {key: value}
+    torch.save(checkpoint, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=f"other.pt: not a dist_train checkpoint, {key} is {value!r}"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
 def test_broken_files_never_take_a_keep_slot(tmp_path):
     for step in (5, 10):
         save_checkpoint(trained_checkpoint(step), tmp_path, keep=2)
