@@ -155,6 +155,9 @@ def check_contents(path: Path, checkpoint) -> None:
             raise CheckpointError(f"{path}: not a dist_train checkpoint, {key} is {checkpoint[key]!r}")
     if type(checkpoint["loss"]) not in (float, int):
         raise CheckpointError(f"{path}: not a dist_train checkpoint, loss is {checkpoint['loss']!r}")
+    for key, kind in (("config", dict), ("rng_states", list)):
+        if not isinstance(checkpoint.get(key), kind):
+            raise CheckpointError(f"{path}: not a dist_train checkpoint, {key} is {type(checkpoint.get(key)).__name__}")
     step = step_in_name(path)
     if step is not None and step != checkpoint["global_step"]:
         # Resuming from it would retrain from the wrong step, and a requeue chain would loop.
