@@ -144,20 +144,28 @@ def with_environment(values: dict, environ) -> dict:
 def parse_config(argv: list[str] | None = None, environ=os.environ) -> Config:
     """Flags (over a config file's values, under the sweep line of this array task) -> a validated
     Config; UserError on bad values. File values are turned into flags, so they meet the same
-    types, choices and checks as the command line."""
+    types, choices and checks as the command line. A sweep line may name a config file of its own:
+    its values go over the command line's file and under every flag."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.config:
-        file_argv = config_file_argv(read_config_file(args.config), args.config)
-        try:
-            parser.parse_args(file_argv)
-        except UserError as error:
-            raise UserError(f"config file {args.config}: {error}") from None
-        argv = file_argv + argv  # later flags win: the command line overrides the file
-        args = parser.parse_args(argv)
+    files = config_file_flags(parser, args.config) if args.config else []
+    if files:
+        args = parser.parse_args(files + argv)  # later flags win: the command line's
     if args.sweep_file:
-        args = parser.parse_args(argv + sweep_overrides(args.sweep_file, environ))
+        line = sweep_overrides(args.sweep_file, environ)
+        where = f"sweep file {args.sweep_file}, line of array task {environ['SLURM_ARRAY_TASK_ID']}"
+        try:
+            line_args = parser.parse_args(line)
+        except UserError as error:
+            raise UserError(f"{where}: {error}") from None
+        if line_args.sweep_file:
+            raise UserError(f"{where}: a sweep line cannot name another sweep file")
+        if line_args.config:  # its values over the command line's file, under every flag
+            files += config_file_flags(parser, line_args.config)
+        sweep_file, args = args.sweep_file, parser.parse_args(files + argv + line)
+        if args.sweep_file != sweep_file:  # named by the line's config file
+            raise UserError(f"{where}: a sweep line cannot name another sweep file")
     values = with_environment(vars(args), environ)
     values.pop("config")
     config = Config(**values)
@@ -165,6 +173,16 @@ def parse_config(argv: list[str] | None = None, environ=os.environ) -> Config:
         config = dataclasses.replace(config, run_dir=default_run_dir(environ))
     validate(config)
     return config
+
+
+def config_file_flags(parser, path: str) -> list[str]:
+    """A config file's values as flags, checked as the command line's are."""
+    file_argv = config_file_argv(read_config_file(path), path)
+    try:
+        parser.parse_args(file_argv)
+    except UserError as error:
+        raise UserError(f"config file {path}: {error}") from None
+    return file_argv
 
 
 def read_config_file(path: str) -> dict:

@@ -85,6 +85,31 @@ def test_a_config_or_sweep_file_that_is_not_a_regular_file_is_refused_unread(tmp
     assert out == f"{what} {fifo}: not a regular file\n"
 
 
+def test_a_sweep_line_may_name_a_config_file_and_nothing_is_silently_dropped(tmp_path):
+    """Before, `--config FILE` on a sweep line was parsed and thrown away (the run trained with
+    the defaults), and `--sweep-file` there was recorded but never read."""
+    write(tmp_path, "base.toml", "lr = 0.1\nmomentum = 0.5\nepochs = 7\n")
+    write(tmp_path, "task.toml", "lr = 0.3\nmomentum = 0.6\n")
+    sweep = write(tmp_path, "sweep.txt", f"--config {tmp_path / 'task.toml'}\n"
+                                         f"--config {tmp_path / 'task.toml'} --momentum 0.7\n"
+                                         "--sweep-file other.txt\n--seed 3 --lr\n"
+                                         f"--config {tmp_path / 'nested.toml'}\n")
+    write(tmp_path, "nested.toml", 'sweep_file = "other.txt"\n')
+    argv = ["--config", str(tmp_path / "base.toml"), "--sweep-file", sweep]
+    task = {"SLURM_ARRAY_TASK_ID": "0"}
+    config = parse_config(argv, task)  # the line's file over the command line's file
+    assert (config.lr, config.momentum, config.epochs) == (0.3, 0.6, 7)
+    config = parse_config(argv + ["--lr", "0.2", "--momentum", "0.1"], {"SLURM_ARRAY_TASK_ID": "1"})
+    assert (config.lr, config.momentum) == (0.2, 0.7)  # command line over files, the line over all
+    from_file = ["--config", write(tmp_path, "with_sweep.toml", f'sweep_file = "{sweep}"\n')]
+    for index, message, flags in (("2", "a sweep line cannot name another sweep file", argv),
+                                  ("3", "argument --lr: expected one argument", argv),
+                                  ("4", "a sweep line cannot name another sweep file", from_file)):
+        with pytest.raises(UserError) as caught:
+            parse_config(flags, {"SLURM_ARRAY_TASK_ID": index})
+        assert str(caught.value) == f"sweep file {sweep}, line of array task {index}: {message}"
+
+
 @pytest.mark.parametrize("seed", ["-1", "4294967296", "99999999999999999999"])
 def test_a_seed_torch_would_alias_or_overflow_on_is_refused(seed):
     """torch's CPU generator keeps a seed's low 32 bits (0, 2**32 and 2**63 give the same initial
