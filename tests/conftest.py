@@ -122,11 +122,16 @@ class Launch:
 
 
 def kill_and_resume(args: list[str], run_dir: Path, kill_after_steps: list[int], nproc: int) -> list[str]:
-    """Launch, SIGKILL once each listed step was logged, relaunch; finally run to the end."""
+    """Launch, SIGKILL once each listed step was logged, relaunch; finally run to the end.
+
+    Each kill also waits for a checkpoint to be announced: an asynchronous save still in flight at
+    the kill is lost (rightly), and under load the writer can lag the step log by a few steps, so
+    the relaunch would start afresh (seen once in CI), which is not what these tests are about."""
     outputs = []
     for i, step in enumerate(kill_after_steps):
         launch = Launch(args, run_dir.parent / f"{run_dir.name}.{i}.log", nproc)
         launch.wait_for(rf"step {step} batch")
+        launch.wait_for(r"saved checkpoint")
         launch.kill()
         outputs.append(launch.output())
     outputs.append(run(args, nproc).stdout)
