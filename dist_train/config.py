@@ -321,6 +321,11 @@ def validate(config: Config) -> None:
                  "hang_timeout", "max_failures", "save_every_minutes"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
+    if config.dataset == "fake":  # generated at start-up and held in memory, by every process
+        needed, memory = config.fake_size * 5 // 4 * 3072, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if needed > memory // 2:
+            raise UserError(f"--fake-size {config.fake_size} needs {needed / 1e9:.1f} GB in memory in every "
+                            f"process (3,072 bytes an image); this machine has {memory / 1e9:.1f} GB")
     if not 0 <= config.seed <= MAX_SEED:  # torch keeps a seed's low 32 bits on the CPU: no aliases
         raise UserError(f"--seed must be an integer from 0 to {MAX_SEED}, got {config.seed}")
     from dist_train.models import check_model_name

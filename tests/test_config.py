@@ -110,6 +110,16 @@ def test_a_sweep_line_may_name_a_config_file_and_nothing_is_silently_dropped(tmp
         assert str(caught.value) == f"sweep file {sweep}, line of array task {index}: {message}"
 
 
+def test_a_fake_dataset_larger_than_the_memory_is_refused_before_it_is_generated():
+    """--fake-size images are generated at start-up and held in memory (3,072 bytes each, plus a
+    quarter for the test split): 10**8 was an allocator traceback, 10**7 a slow march to the OOM killer."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    too_many = memory // 3072 + 1
+    with pytest.raises(UserError, match=rf"^--fake-size {too_many} needs [0-9.]+ GB in memory"):
+        parse_config(["--dataset", "fake", "--fake-size", str(too_many)])
+    assert parse_config(["--dataset", "fake", "--fake-size", "100000"]).fake_size == 100000
+
+
 @pytest.mark.parametrize("seed", ["-1", "4294967296", "99999999999999999999"])
 def test_a_seed_torch_would_alias_or_overflow_on_is_refused(seed):
     """torch's CPU generator keeps a seed's low 32 bits (0, 2**32 and 2**63 give the same initial
