@@ -308,6 +308,10 @@ def sweep_overrides(path: str, environ) -> list[str]:
 MAX_SEED = (1 << 32) - 1
 
 
+def uses_wandb(config: Config) -> bool:
+    return bool(config.wandb_project) and config.wandb_mode != "disabled"
+
+
 def validate(config: Config) -> None:
     """Reject values that cannot train, before any process group exists."""
     for name in ("lr", "momentum", "weight_decay", "hang_timeout", "save_every_minutes"):
@@ -331,7 +335,7 @@ def validate(config: Config) -> None:
     from dist_train.models import check_model_name
 
     check_model_name(config.model)
-    if config.wandb_project and config.wandb_mode != "disabled" and importlib.util.find_spec("wandb") is None:
+    if uses_wandb(config) and importlib.util.find_spec("wandb") is None:
         raise UserError("--wandb-project needs wandb, which is not installed: pip install 'dist_train[wandb]'")
     if config.amp == "fp16":
         from dist_train.distributed import device_type

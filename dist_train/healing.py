@@ -21,7 +21,8 @@ from pathlib import Path
 
 from dist_train import exits
 from dist_train.distributed import side_store
-from dist_train.errors import SaveFailedError, UserError
+from dist_train.errors import UserError
+from dist_train.rundir import write_run_file
 from dist_train.watchdog import COMPUTING, CONSISTENT, Watchdog
 
 log = logging.getLogger(__name__)
@@ -78,13 +79,7 @@ def _read(path: Path) -> dict:
 
 
 def _write(path: Path, record: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(record) + "\n")
-        os.replace(tmp, path)
-    except OSError as error:  # a full disk: the run stops as a failed save does
-        tmp.unlink(missing_ok=True)
-        raise SaveFailedError(f"could not write {path}: {error.strerror or error}") from None
+    write_run_file(path, json.dumps(record) + "\n", durable=False)
 
 
 def track_forward(model, watchdog: Watchdog) -> None:

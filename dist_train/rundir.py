@@ -99,9 +99,14 @@ def _check_entries(ckpt_dir: Path) -> None:
 
 def write_config_file(config) -> None:
     """The effective configuration, as RUN_DIR/config.json."""
-    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-    path = Path(config.run_dir) / "config.json"
+    write_run_file(Path(config.run_dir) / "config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def write_run_file(path: Path, text: str, durable: bool = True) -> None:
+    """A file of the run directory, replaced whole. A write that fails (a full disk, a directory in
+    its place) is a SaveFailedError: the run ends as after a failed save, its checkpoints untouched.
+    durable=False for a record rewritten often, which a power loss (not a kill) may roll back."""
     try:
-        write_atomically(path, lambda f: f.write(text.encode()))
+        write_atomically(path, lambda f: f.write(text.encode()), fsync_file=durable, fsync_directory=durable)
     except OSError as error:
         raise SaveFailedError(f"could not write {path}: {error.strerror or error}") from None

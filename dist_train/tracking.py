@@ -21,7 +21,9 @@ import time
 import uuid
 from pathlib import Path
 
-from dist_train.errors import SaveFailedError, UserError
+from dist_train.config import uses_wandb
+from dist_train.errors import UserError
+from dist_train.rundir import write_run_file
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +85,10 @@ class WandbTracker:
         return read_wandb_record(self._state_path)
 
     def _write_state(self) -> None:
-        # Replaced atomically but not fsynced (unlike durable.write_atomically): it is written at
-        # every logged step, and a process kill, unlike a power loss, keeps the page cache.
-        # Without it a resume would send steps again (or open another run): a write that fails (a
-        # full disk) ends the run as a failed save does, the checkpoints untouched.
-        tmp = self._state_path.with_name(".wandb.json.tmp")
-        try:
-            tmp.write_text(json.dumps({"run_id": self.run_id, "logged": self._logged}))
-            os.replace(tmp, self._state_path)
-        except OSError as error:
-            tmp.unlink(missing_ok=True)
-            raise SaveFailedError(f"could not write {self._state_path}: {error.strerror or error}") from None
+        # Not fsynced: it is written at every logged step, and a process kill, unlike a power
+        # loss, keeps the page cache. Without it a resume would send steps again (or open another
+        # run), so a write that fails ends the run (write_run_file).
+        write_run_file(self._state_path, json.dumps({"run_id": self.run_id, "logged": self._logged}), durable=False)
 
 
 def read_wandb_record(path: Path) -> dict:
@@ -126,10 +121,6 @@ def run_name(name: str | None, run_dir: str) -> str | None:
     if task is None:
         return name
     return f"{name or Path(run_dir).name}-task{task}"
-
-
-def uses_wandb(config) -> bool:
-    return bool(config.wandb_project) and config.wandb_mode != "disabled"
 
 
 def check_wandb_dir(config) -> None:
