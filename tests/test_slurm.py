@@ -4,6 +4,7 @@ project's own sbatch scripts from slurm/ running the real training script on CPU
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -154,7 +155,9 @@ def test_time_limit_signal_saves_requeues_and_finishes(slurm, jobs_dir, time_lim
     slurm.wait_gone(time_limit_job, timeout=400)
     log = (jobs_dir / f"timelimit-{time_limit_job}.out").read_text()
     assert "stop requested by SIGUSR1" in log and "restart count 1" in log, log[-4000:]
-    assert "resuming from" in log and "training complete: 2 epochs" in log, log[-4000:]
+    # A signal that lands on the last step saves it and requeues; the next run then finds the
+    # training complete (seen once in CI): both end the training, so both are accepted.
+    assert "resuming from" in log and re.search(r"training complete: 2 epochs|is complete \(2 epochs", log), log[-4000:]
     # jobcomp records a requeued run as PENDING; the last run completes.
     states = slurm.job_states(time_limit_job)
     assert states[-1] == ":COMPLETED" and states[:-1] == [":PENDING"] * log.count("requeueing SLURM job"), states
