@@ -28,7 +28,7 @@ from dist_train.watchdog import COMPUTING, CONSISTENT, Watchdog
 log = logging.getLogger(__name__)
 
 FAILURES_FILE = "failures.json"
-FAULT_VARIABLE = "DIST_TRAIN_INJECT_FAULT"  # test-only: "KIND@RANK:STEP", KIND raise, kill or stop
+FAULT_VARIABLE = "DIST_TRAIN_INJECT_FAULT"  # test-only: "KIND@RANK:STEP", KIND raise, kill, stop, usr1 or term
 
 
 class TooManyFailures(Exception):
@@ -163,14 +163,19 @@ def is_peer_failure(error: BaseException) -> bool:
                                              "NCCL communicator was aborted", "ProcessGroup is aborted"))
 
 
+# What each signal kind sends: a dead rank, a hung rank, and the stop requests (SLURM's time-limit
+# signal, preemption) at a chosen step.
+_FAULT_SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "usr1": signal.SIGUSR1, "term": signal.SIGTERM}
+
+
 def parse_fault(text: str | None) -> tuple[str, int, int] | None:
     """DIST_TRAIN_INJECT_FAULT=KIND@RANK:STEP -> (kind, rank, step)."""
     if not text:
         return None
     kind, _, where = text.partition("@")
     rank, _, step = where.partition(":")
-    if kind not in ("raise", "kill", "stop") or not rank.isdigit() or not step.isdigit():
-        raise UserError(f"{FAULT_VARIABLE}={text!r}: expected raise|kill|stop@RANK:STEP")
+    if kind not in _FAULT_SIGNALS and kind != "raise" or not rank.isdigit() or not step.isdigit():
+        raise UserError(f"{FAULT_VARIABLE}={text!r}: expected {'|'.join(['raise', *_FAULT_SIGNALS])}@RANK:STEP")
     return kind, int(rank), int(step)
 
 
@@ -188,8 +193,9 @@ class FaultInjection:
         self.step = -1
         if self.kind == "raise":
             raise RuntimeError(f"fault injected after step {global_step}")
-        time.sleep(0.2)  # let the log line out
-        os.kill(os.getpid(), signal.SIGKILL if self.kind == "kill" else signal.SIGSTOP)
+        if self.kind in ("kill", "stop"):
+            time.sleep(0.2)  # let the log line out
+        os.kill(os.getpid(), _FAULT_SIGNALS[self.kind])
 
 
 class Healer:

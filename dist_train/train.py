@@ -24,7 +24,7 @@ from dist_train.config import Config, config_differences, environment_difference
 from dist_train.errors import RUN_ERRORS, GaveUp, SaveFailedError, UserError
 from dist_train.loop import build_scheduler, evaluate, train_steps
 from dist_train.models import build_model, unwrap
-from dist_train.preemption import (INTERRUPT, NONE, TERMINATE, SaveClock, StopAgreement, StopFlag,
+from dist_train.preemption import (INTERRUPT, NONE, REQUEUE, TERMINATE, SaveClock, StopAgreement, StopFlag,
                                    requeue_slurm_job, restart_count)
 from dist_train.rundir import prepare_run_dir, write_config_file
 from dist_train.rng import restore_rng_of_rank, rng_state_at_step, seed_everything, seed_step
@@ -242,6 +242,7 @@ def run_epochs(config, env, training, progress, train_loader, test_loader, stop_
 
     clock = SaveClock(config.save_every_minutes if env.is_main else 0)  # the main rank's clock decides
     report = ProgressReport(env.is_main, config.log_every_steps, env.world_size, config.batch_size)
+    stopped_at_end = False  # a requeue asked for at the step that ends the training
     for epoch in range(progress.next_epoch, config.epochs):
         sampler.set_epoch(epoch, start_batch=progress.next_batch)
         report.start_epoch(epoch, progress.next_batch, sampler.batches_per_epoch)
@@ -268,19 +269,30 @@ def run_epochs(config, env, training, progress, train_loader, test_loader, stop_
                 report.end_epoch()
                 healer.phase(SAVING)
                 save(loss_tensor.item(), f"stop requested by {stop_flag.signal_name or 'another rank'}", True)
-                return agreed.request
+                if not (end_of_epoch and epoch == config.epochs - 1):
+                    return agreed.request
+                if agreed.request != REQUEUE:  # stop now, as asked; the checkpoint holds the whole training
+                    log.info("training complete: %d epochs, %d steps; the final evaluation was skipped "
+                             "(dist-train evaluate %s gives it)", config.epochs, progress.global_step, config.run_dir)
+                    return agreed.request
+                # A requeue would only relaunch a complete run: finish here instead (the evaluation,
+                # then exit 0), which is what the job would have done without the signal.
+                log.info("stop requested at the last step: the training is complete, so no requeue")
+                stopped_at_end = True
             periodic = config.save_every_steps and progress.global_step % config.save_every_steps == 0
             if (periodic or agreed.save_due) and not end_of_epoch:
                 healer.phase(SAVING)
                 save(loss_tensor.item(), "periodic" if periodic else "timed")
-        report.end_epoch()
+        if not stopped_at_end:
+            report.end_epoch()
         if config.eval:
             healer.phase(EVALUATING)
             eval_loss, accuracy = evaluate(training.model, test_loader, env, config.amp)
             log.info("epoch %d eval loss %.4f accuracy %.4f", epoch, eval_loss, accuracy)
             tracker.log("eval", {"loss": eval_loss, "accuracy": accuracy}, progress.global_step)
-        healer.phase(SAVING)
-        save(loss, "end of epoch", blocking=epoch == config.epochs - 1)  # and so at the end of training
+        if not stopped_at_end:  # else saved already, the same state
+            healer.phase(SAVING)
+            save(loss, "end of epoch", blocking=epoch == config.epochs - 1)  # and so at the end of training
         healer.epoch_done(progress.next_epoch)
     return NONE
 

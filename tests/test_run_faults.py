@@ -133,6 +133,28 @@ def test_ctrl_c_saves_and_stops_then_the_resume_is_exact(reference_ws1, tmp_path
     assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference_ws1))
 
 
+def test_a_stop_at_the_last_step_finishes_the_training_instead_of_requeueing(reference_ws1, tmp_path):
+    """SLURM's time-limit USR1 agreed at the step that ends the training: the job would only be
+    requeued to find a complete run; it evaluates and exits 0 instead, with the uninterrupted run's
+    final state. SIGTERM there stops at once (the final evaluation skipped, and said so)."""
+    run_dir = tmp_path / "usr1"
+    fault = {"DIST_TRAIN_INJECT_FAULT": "usr1@0:48"}  # the last of SMALL_RUN's 48 steps
+    out = run(SMALL_RUN + ["--run-dir", str(run_dir), "--data-path", "device"], env_extra=fault).stdout
+    assert "stop requested by SIGUSR1" in out and "no requeue" in out, out[-3000:]
+    assert "epoch 1 eval loss" in out and "training complete: 2 epochs, 48 steps" in out
+    assert "outside a SLURM job" not in out  # no requeue was attempted
+    assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference_ws1))
+
+    run_dir = tmp_path / "term"
+    args = TINY[:-1] + ["--epochs", "2", "--run-dir", str(run_dir)]  # with its evaluation
+    result = run(args, check=False, env_extra={"DIST_TRAIN_INJECT_FAULT": "term@0:8"})
+    assert result.returncode == exits.TERMINATED, result.stdout[-3000:]
+    assert "epoch 0 eval loss" in result.stdout and "epoch 1 eval loss" not in result.stdout
+    assert "training complete: 2 epochs, 8 steps; the final evaluation was skipped" in result.stdout
+    assert newest_checkpoint(run_dir)["next_epoch"] == 2
+    assert "is complete" in run(args).stdout
+
+
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
     run_dir = tmp_path / "run"
     launch = Launch(TINY + ["--epochs", "1", "--run-dir", str(run_dir)], tmp_path / "twice.log")
