@@ -214,8 +214,8 @@ def build_eval_loader(dataset: Dataset, config: Config, env: DistEnv) -> DataLoa
 
 
 def ignore_signals_in_worker(_worker_id: int) -> None:
-    """DataLoader workers ignore SIGUSR1/SIGTERM/SIGINT: the rank's main process alone acts on them."""
+    """DataLoader workers ignore SIGUSR1/SIGTERM/SIGHUP/SIGINT: the rank's main process alone acts on them."""
     import signal
 
-    for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):  # Ctrl-C reaches the whole group
+    for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # Ctrl-C, a hang-up: the whole group
         signal.signal(signum, signal.SIG_IGN)

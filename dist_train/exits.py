@@ -18,6 +18,6 @@ STOPPED = 75  # saved and stopped early without a requeue (USR1 outside SLURM, r
 PEER_FAILED = 76  # another rank died or hung (saved the last finished step where a survivor could)
 INTERRUPTED = 130  # SIGINT (Ctrl-C): saved, then stopped (128 + 2, the shell's convention); a second
 #                   SIGINT exits with it at once, without saving
-TERMINATED = 143  # SIGTERM (preemption, scancel, torchrun's shutdown): saved, then stopped (128 + 15)
+TERMINATED = 143  # SIGTERM (preemption, scancel, torchrun's shutdown) or SIGHUP: saved, then stopped (128 + 15)
 
 PERMANENT = frozenset({USER_ERROR, DIVERGED, SAVE_FAILED, GAVE_UP})  # a restart would fail the same way

@@ -1,8 +1,8 @@
 """Signals -> a flag; ranks agree on when to stop; requeue through scontrol; ranks die with torchrun.
 
 SIGUSR1 (what `#SBATCH --signal=USR1@SECONDS` sends before the time limit) asks for save and
-requeue; SIGTERM (preemption, scancel, torchrun's shutdown) and SIGINT (Ctrl-C; a second one exits
-at once) ask for save and exit. The handler only records the request: no I/O, no collectives.
+requeue; SIGTERM (preemption, scancel, torchrun's shutdown), SIGHUP (a closed terminal) and SIGINT
+(Ctrl-C; a second one exits at once) ask for save and exit. The handler only records the request: no I/O, no collectives.
 SLURM signals every process of a job step, DataLoader workers included, and a forked worker
 inherits the handler, so it acts only in the process that installed it.
 """
@@ -32,11 +32,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NONE, TERMINATE, INTERRUPT, REQUEUE = 0, 1, 2, 3  # ordered: the strongest request on any rank wins
-SIGNAL_REQUESTS = {signal.SIGTERM: TERMINATE, signal.SIGINT: INTERRUPT, signal.SIGUSR1: REQUEUE}
+# SIGHUP: the terminal of a run started by hand went away (a dropped ssh connection); without a
+# handler it would kill the rank and its loader workers before any save.
+SIGNAL_REQUESTS = {signal.SIGTERM: TERMINATE, signal.SIGHUP: TERMINATE, signal.SIGINT: INTERRUPT,
+                   signal.SIGUSR1: REQUEUE}
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM in this process; a later signal never lowers the request."""
+    """Set by SIGUSR1/SIGTERM/SIGHUP/SIGINT in this process; a later signal never lowers the request."""
 
     def __init__(self):
         self.request = NONE
@@ -53,7 +56,7 @@ class StopFlag:
         """After the last save a signal has nothing left to save: ignore it rather than die of it
         (USR1's default action) and turn a finished job into a failed one. SIGINT keeps its
         handler: a second Ctrl-C still exits at once."""
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(signum, signal.SIG_IGN)
 
     def _handle(self, signum, _frame) -> None:

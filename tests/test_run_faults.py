@@ -4,12 +4,17 @@ odd files in checkpoints/."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import re
 import resource
 import shutil
 import signal
+import struct
 import subprocess
+import sys
+import termios
 import time
 from pathlib import Path
 
@@ -153,6 +158,45 @@ def test_a_stop_at_the_last_step_finishes_the_training_instead_of_requeueing(ref
     assert "training complete: 2 epochs, 8 steps; the final evaluation was skipped" in result.stdout
     assert newest_checkpoint(run_dir)["next_epoch"] == 2
     assert "is complete" in run(args).stdout
+
+
+def test_a_closed_terminal_saves_and_stops_then_the_resume_is_exact(reference_ws1, tmp_path):
+    """A run in a terminal whose connection drops gets SIGHUP, its loader workers too (the shell
+    signals the job's process group). It saves and stops as for SIGTERM, though nothing can be
+    read from it any more (its output fails with EIO), and the relaunch ends bit for bit."""
+    run_dir = tmp_path / "run"
+    args = SMALL_RUN + ["--save-every-steps", "0", "--run-dir", str(run_dir), "--data-path", "loader"]  # workers
+    pid, terminal = pty.fork()  # the child leads a new session, the pty its controlling terminal
+    if pid == 0:
+        os.chdir(REPO)
+        os.execve(sys.executable, launch_command(args), python_env())
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a pty starts 0 wide
+    seen, step_3 = b"", re.compile(rb"epoch 0: .* 3/24 ")  # on a terminal: a progress bar
+    deadline = time.monotonic() + 120
+    while not step_3.search(seen) and time.monotonic() < deadline:
+        try:
+            seen += os.read(terminal, 65536)
+        except OSError:  # the child is gone
+            break
+    assert step_3.search(seen), seen.decode(errors="replace")[-3000:]
+    os.close(terminal)  # the connection drops: the kernel hangs up the session (SIGHUP to its leader)
+    os.killpg(pid, signal.SIGHUP)  # and a login shell sends its jobs SIGHUP, loader workers included
+    status = wait_with_timeout(pid, 120)
+    assert os.waitstatus_to_exitcode(status) == exits.TERMINATED
+    assert newest_checkpoint(run_dir)["next_batch"] != 0  # saved mid-epoch: no periodic saves here
+    run(args)
+    assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference_ws1))
+
+
+def wait_with_timeout(pid: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"process {pid} still running {timeout} s after the hang-up")
 
 
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
