@@ -69,17 +69,43 @@ class WandbTracker:
             log.warning("wandb could not use %s and writes under %s", wandb_dir, used / "wandb")
         log.info("wandb run %s (%s mode) in project %s, files under %s", self.run_id, config.wandb_mode,
                  config.wandb_project, used / "wandb")
+        self._errors = WandbErrors(getattr(self.run.settings, "log_internal", None))
 
     def log(self, kind: str, metrics: dict, step: int) -> None:
         """Send `metrics` at `step` unless a step at or past it was already sent for this kind."""
-        if step <= self._logged.get(kind, -1):
+        if self.run is None or step <= self._logged.get(kind, -1):
             return
         self._logged[kind] = step
         self._write_state()
-        self.run.log({f"{kind}/{key}": value for key, value in metrics.items()}, step=step)
+        try:
+            self.run.log({f"{kind}/{key}": value for key, value in metrics.items()}, step=step)
+        except Exception as error:  # wandb's service process died, its socket broke: metrics only
+            self._give_up(f"at step {step}", error)
+        if kind == "checkpoint":  # now and then, not at every step
+            self._errors.check(f"by step {step}")
 
     def finish(self) -> None:
-        self.run.finish()
+        if self.run is not None:
+            try:
+                self.run.finish()
+            except Exception as error:
+                self._give_up("at the end of the launch", error)
+                return
+            self._errors.check("by the end of the launch")
+
+    def _give_up(self, when: str, error: Exception) -> None:
+        """Metrics are not worth a training: say so once, and send nothing more from this launch.
+        A relaunch opens the same wandb run again (wandb.json) and sends the steps it trains."""
+        import wandb
+
+        lines = str(error).strip().splitlines()
+        log.warning("wandb stopped working %s (%s%s); this launch sends no more metrics, the training goes on",
+                    when, type(error).__name__, f": {lines[0]}" if lines else "")
+        self.run = None
+        try:
+            wandb.teardown()  # unhooks wandb's own exit handler, which would print the same failure again
+        except Exception:
+            pass
 
     def _read_state(self) -> dict:
         return read_wandb_record(self._state_path)
@@ -89,6 +115,47 @@ class WandbTracker:
         # loss, keeps the page cache. Without it a resume would send steps again (or open another
         # run), so a write that fails ends the run (write_run_file).
         write_run_file(self._state_path, json.dumps({"run_id": self.run_id, "logged": self._logged}), durable=False)
+
+
+class WandbErrors:
+    """wandb's service process (wandb-core) that cannot write its files (a full disk, a file size
+    limit, a lost permission) logs ERROR lines in its own debug-internal.log and goes on: nothing
+    reaches the training, and the offline run file, the only copy in offline mode, stays
+    incomplete. The new lines of that log are read at each check; the first error is told once."""
+
+    def __init__(self, path: str | None):
+        self.path, self._offset, self._told = Path(path) if path else None, 0, False
+
+    def check(self, when: str) -> None:
+        if self._told or self.path is None:
+            return
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except OSError:
+            return
+        complete = chunk.rfind(b"\n") + 1  # a line being written is read whole next time
+        self._offset += complete
+        for line in chunk[:complete].decode(errors="replace").splitlines():
+            message = _error_message(line)
+            if message is not None:
+                self._told = True
+                log.warning("wandb could not record everything %s (%s); its records of this run are "
+                            "incomplete (details: %s)", when, message, self.path)
+                return
+
+
+def _error_message(line: str) -> str | None:
+    """The message of an ERROR line of wandb's internal log (JSON lines; text in older wandb)."""
+    if '"level":"ERROR"' in line:
+        try:
+            return str(json.loads(line).get("msg", line))
+        except ValueError:
+            return line
+    if " ERROR " in line:
+        return line.split(" ERROR ", 1)[1].strip()
+    return None
 
 
 def read_wandb_record(path: Path) -> dict:

@@ -8,6 +8,8 @@ import json
 import os
 import pty
 import re
+import resource
+import signal
 import struct
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, launch_command, newest_checkpoint, python_env, run
+from conftest import REPO, Launch, launch_command, newest_checkpoint, process_tree, python_env, run
 from dist_train.cli import main as cli_main
 from dist_train.config import UserError, parse_config
 from dist_train.tracking import run_name
@@ -217,3 +219,45 @@ def test_a_run_trained_with_wandb_evaluates_without_it(reference_ws1, tmp_path, 
     monkeypatch.setitem(sys.modules, "wandb", None)
     code = cli_main(["evaluate", str(tmp_path / "step_000000048.pt")])
     assert code == 0 and "accuracy" in capsys.readouterr().out
+
+
+def test_a_dead_wandb_service_stops_the_metrics_not_the_training(tmp_path):
+    """wandb's service process (wandb-core) dies mid-run (OOM killer, a crash): the training goes
+    on to the end and exits 0, with one warning; no traceback, not even wandb's at exit."""
+    run_dir = tmp_path / "run"
+    args = ["--device", "cpu", "--dataset", "fake", "--fake-size", "2048", "--batch-size", "16", "--epochs", "2",
+            "--num-workers", "0", "--log-every-steps", "1", "--no-eval", "--run-dir", str(run_dir),
+            "--wandb-project", "dist-train-tests", "--wandb-mode", "offline"]  # 256 steps
+    launch = Launch(args, tmp_path / "train.log")
+    launch.wait_for(r"wandb run \w+ \(offline mode\)")
+    core = [pid for pid in process_tree(launch.proc.pid) if b"wandb-core" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert core, "no wandb-core process found"
+    for pid in core:
+        os.kill(pid, signal.SIGKILL)
+    assert launch.wait(timeout=300) == 0, launch.output()[-3000:]
+    out = launch.output()
+    assert "training complete: 2 epochs, 256 steps" in out
+    assert "Traceback" not in out and "Exception ignored" not in out, out[-3000:]
+    assert len(re.findall(r"WARNING wandb stopped working", out)) == 1, out[-3000:]
+    assert newest_checkpoint(run_dir)["global_step"] == 256
+
+
+def test_wandb_files_that_cannot_be_written_are_reported_once(tmp_path):
+    """wandb-core that cannot write its run file (here a file size limit: EFBIG, as a full disk
+    gives ENOSPC) only says so in its own internal log and goes on; the training tells the user,
+    once, and goes on too."""
+    run_dir = tmp_path / "run"
+    args = ["--device", "cpu", "--dataset", "fake", "--fake-size", "512", "--batch-size", "16", "--epochs", "2",
+            "--num-workers", "0", "--log-every-steps", "1", "--no-eval", "--save-every-steps", "10",
+            "--run-dir", str(run_dir), "--wandb-project", "dist-train-tests", "--wandb-mode", "offline"]
+    launch = Launch(args, tmp_path / "train.log")
+    launch.wait_for(r"wandb run \w+ \(offline mode\)")
+    core = [pid for pid in process_tree(launch.proc.pid) if b"wandb-core" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert core, "no wandb-core process found"
+    for pid in core:  # Go ignores SIGXFSZ: its writes past 1000 bytes fail with EFBIG
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (1000, 1000))
+    assert launch.wait(timeout=300) == 0, launch.output()[-3000:]
+    out = launch.output()
+    assert "training complete: 2 epochs, 64 steps" in out and "Traceback" not in out
+    warnings = re.findall(r"WARNING wandb could not record everything .*", out)
+    assert len(warnings) == 1 and "file too large" in warnings[0], out[-3000:]
