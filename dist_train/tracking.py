@@ -35,6 +35,9 @@ def setup_logging(rank: int, level: str = "INFO") -> None:
     numeric = logging.getLevelName(level.upper())
     logging.basicConfig(stream=sys.stderr, format=fmt, datefmt="%Y-%m-%d %H:%M:%S", force=True,
                         level=numeric if rank == 0 else max(logging.WARNING, numeric))
+    # A log that cannot be written (stderr gone with a closed terminal, or wandb's debug.log on a
+    # full disk) must not print a traceback per record: Python's advice for production.
+    logging.raiseExceptions = False
 
 
 class NullTracker:
@@ -80,7 +83,7 @@ class WandbTracker:
         try:
             self.run.log({f"{kind}/{key}": value for key, value in metrics.items()}, step=step)
         except Exception as error:  # wandb's service process died, its socket broke: metrics only
-            self._give_up(f"at step {step}", error)
+            self._give_up(f"at step {step}", error, "this launch sends no more metrics, the training goes on")
         if kind == "checkpoint":  # now and then, not at every step
             self._errors.check(f"by step {step}")
 
@@ -89,18 +92,18 @@ class WandbTracker:
             try:
                 self.run.finish()
             except Exception as error:
-                self._give_up("at the end of the launch", error)
+                self._give_up("at the end of the launch", error, "its records of this launch may be incomplete")
                 return
             self._errors.check("by the end of the launch")
 
-    def _give_up(self, when: str, error: Exception) -> None:
+    def _give_up(self, when: str, error: Exception, consequence: str) -> None:
         """Metrics are not worth a training: say so once, and send nothing more from this launch.
         A relaunch opens the same wandb run again (wandb.json) and sends the steps it trains."""
         import wandb
 
         lines = str(error).strip().splitlines()
-        log.warning("wandb stopped working %s (%s%s); this launch sends no more metrics, the training goes on",
-                    when, type(error).__name__, f": {lines[0]}" if lines else "")
+        log.warning("wandb stopped working %s (%s%s); %s", when, type(error).__name__,
+                    f": {lines[0]}" if lines else "", consequence)
         self.run = None
         try:
             wandb.teardown()  # unhooks wandb's own exit handler, which would print the same failure again

@@ -261,3 +261,38 @@ def test_wandb_files_that_cannot_be_written_are_reported_once(tmp_path):
     assert "training complete: 2 epochs, 64 steps" in out and "Traceback" not in out
     warnings = re.findall(r"WARNING wandb could not record everything .*", out)
     assert len(warnings) == 1 and "file too large" in warnings[0], out[-3000:]
+
+
+@pytest.fixture
+def full_filesystem(tmp_path):
+    """A 40 kB tmpfs, filled up (mounting needs root, as CI runs the suite)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = f"cannot mount a tmpfs here ({done.stderr.strip()}); CI runs the suite as root"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        with open(mount / "filler", "wb", buffering=0) as f:
+            try:
+                while f.write(b"x" * 4096):
+                    pass
+            except OSError:  # full
+                pass
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_wandb_on_a_full_disk_is_one_warning_not_a_traceback_per_log_record(tmp_path, full_filesystem):
+    """wandb's own Python logger writes debug.log beside its files: on a full disk each of its
+    records was a 'Logging error' traceback (96 in a 4-step run); the run ends with one warning."""
+    args = ["--device", "cpu", "--dataset", "fake", "--fake-size", "64", "--batch-size", "16", "--epochs", "1",
+            "--num-workers", "0", "--run-dir", str(tmp_path / "run"), "--wandb-project", "dist-train-tests",
+            "--wandb-mode", "offline", "--wandb-dir", str(full_filesystem)]
+    out = run(args).stdout
+    assert "training complete: 1 epochs, 4 steps" in out
+    assert "Logging error" not in out and "Traceback" not in out, out[-3000:]
+    assert len(re.findall(r"WARNING wandb (stopped working|could not record)", out)) == 1, out[-3000:]
