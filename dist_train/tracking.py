@@ -63,14 +63,15 @@ class WandbTracker:
         self.run_id = state.get("run_id") or run_id or uuid.uuid4().hex[:12]
         self._logged = state.get("logged", {})
         self._write_state()  # the id is on disk before the run exists anywhere
-        self.run = wandb.init(project=config.wandb_project, entity=config.wandb_entity,
-                              name=run_name(config.wandb_name, config.run_dir), id=self.run_id,
-                              resume="allow", mode=config.wandb_mode, dir=wandb_dir,
-                              config=config.to_dict(), settings=_flush_often(wandb))
+        self.run = _start_wandb(wandb, config.wandb_mode, project=config.wandb_project, entity=config.wandb_entity,
+                                name=run_name(config.wandb_name, config.run_dir), id=self.run_id,
+                                resume="allow", dir=wandb_dir, config=config.to_dict(),
+                                settings=_flush_often(wandb))
         used = Path(self.run.settings.root_dir)  # wandb falls back to the temp directory on its own
         if used.resolve() != Path(wandb_dir).resolve():
             log.warning("wandb could not use %s and writes under %s", wandb_dir, used / "wandb")
-        log.info("wandb run %s (%s mode) in project %s, files under %s", self.run_id, config.wandb_mode,
+        mode = getattr(self.run.settings, "mode", config.wandb_mode)  # offline after a server out of reach
+        log.info("wandb run %s (%s mode) in project %s, files under %s", self.run_id, mode,
                  config.wandb_project, used / "wandb")
         self._errors = WandbErrors(getattr(self.run.settings, "log_internal", None))
 
@@ -101,9 +102,8 @@ class WandbTracker:
         A relaunch opens the same wandb run again (wandb.json) and sends the steps it trains."""
         import wandb
 
-        lines = str(error).strip().splitlines()
-        log.warning("wandb stopped working %s (%s%s); %s", when, type(error).__name__,
-                    f": {lines[0]}" if lines else "", consequence)
+        log.warning("wandb stopped working %s (%s: %s); %s", when, type(error).__name__, _first_line(error),
+                    consequence)
         self.run = None
         try:
             wandb.teardown()  # unhooks wandb's own exit handler, which would print the same failure again
@@ -118,6 +118,33 @@ class WandbTracker:
         # loss, keeps the page cache. Without it a resume would send steps again (or open another
         # run), so a write that fails ends the run (write_run_file).
         write_run_file(self._state_path, json.dumps({"run_id": self.run_id, "logged": self._logged}), durable=False)
+
+
+def _start_wandb(wandb, mode: str, **arguments):
+    """wandb.init in the mode asked for. No login (or a key the server refuses) is the user's to
+    fix: one line, exit 2. A server out of reach (a node without internet, an outage when a
+    requeued job restarts; wandb gives up after its init_timeout, 90 s by default) is not worth the
+    training: this launch records offline, into the same run, for `wandb sync` to upload later."""
+    try:
+        return wandb.init(mode=mode, **arguments)
+    except (wandb.errors.UsageError, wandb.errors.AuthenticationError) as error:
+        raise UserError(f"wandb could not start ({_first_line(error)}): log in (`wandb login`, or set "
+                        f"WANDB_API_KEY), or pass --wandb-mode offline") from None
+    except wandb.errors.CommError as error:
+        if mode != "online":
+            raise
+        log.warning("wandb could not reach its server (%s); this launch records offline: `wandb sync` "
+                    "its directory to upload it", _first_line(error))
+        try:
+            wandb.teardown()  # the failed run keeps its id in use in wandb's service process
+        except Exception:
+            pass
+        return wandb.init(mode="offline", **arguments)
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 class WandbErrors:

@@ -32,7 +32,7 @@ from dist_train.state import (Progress, Training, apply_checkpoint, apply_optimi
                               capture_environment, choose_resume_checkpoint, rescale_progress,
                               save_training_state, weights_are_finite)
 from dist_train.watchdog import AGREEING, EVALUATING, SAVING, SYNCING
-from dist_train.tracking import ProgressReport, build_tracker, check_wandb_dir, setup_logging
+from dist_train.tracking import NullTracker, ProgressReport, build_tracker, check_wandb_dir, setup_logging
 
 log = logging.getLogger("dist_train.train")
 
@@ -140,10 +140,10 @@ def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path, writer
                      config.run_dir, config.epochs, progress.global_step)
             return exits.COMPLETE
 
+        tracker = start_tracker(config, env, wandb_run_id)
         count_this_launch(config, env, progress)
         if env.is_main:
             write_config_file(config)  # only now: a refused resume leaves the old one in place
-        tracker = build_tracker(config, env.is_main, wandb_run_id)
 
         def save(loss: float, why: str, blocking: bool = False) -> None:
             """blocking: written before it returns (a stop, the end of training), else in the
@@ -208,6 +208,20 @@ def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path, writer
         if tracker is not None:
             tracker.finish()
         distributed.teardown(env)
+
+
+def start_tracker(config: Config, env, wandb_run_id: str | None):
+    """Collective: the main rank's tracker (wandb), or on every rank the UserError that stopped it
+    (no wandb login): the other ranks would otherwise wait for the main one at the first step."""
+    tracker, problem = NullTracker(), None
+    try:
+        tracker = build_tracker(config, env.is_main, wandb_run_id)
+    except UserError as error:
+        problem = str(error)
+    problem = distributed.broadcast_from_main(problem, env)
+    if problem:
+        raise UserError(problem)
+    return tracker
 
 
 def count_this_launch(config: Config, env, progress: Progress) -> None:

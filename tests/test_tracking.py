@@ -296,3 +296,42 @@ def test_wandb_on_a_full_disk_is_one_warning_not_a_traceback_per_log_record(tmp_
     assert "training complete: 1 epochs, 4 steps" in out
     assert "Logging error" not in out and "Traceback" not in out, out[-3000:]
     assert len(re.findall(r"WARNING wandb (stopped working|could not record)", out)) == 1, out[-3000:]
+
+
+def _wandb_online_env(tmp_path, **extra) -> dict:
+    env = python_env() | {"HOME": str(tmp_path / "home"), "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config")}
+    env.pop("WANDB_API_KEY", None)
+    env.pop("WANDB_MODE", None)
+    return env | extra
+
+
+ONLINE = ["--device", "cpu", "--dataset", "fake", "--fake-size", "64", "--batch-size", "16", "--epochs", "1",
+          "--num-workers", "0", "--wandb-project", "dist-train-tests", "--wandb-mode", "online"]
+
+
+def test_wandb_online_without_a_login_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run(launch_command(ONLINE + ["--run-dir", str(tmp_path / "run")]), cwd=REPO,
+                            env=_wandb_online_env(tmp_path), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert "Traceback" not in result.stdout, result.stdout[-3000:]
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("error:")]
+    assert "wandb could not start" in line and "--wandb-mode offline" in line
+
+
+def test_a_wandb_server_out_of_reach_at_start_records_offline_and_trains(tmp_path):
+    """A cluster node without internet, or a server down when a requeued job restarts: the
+    launch records offline (to sync later) rather than crash or lose its metrics."""
+    env = _wandb_online_env(tmp_path, WANDB_API_KEY="0" * 40, WANDB_BASE_URL="http://127.0.0.1:9",
+                            WANDB_INIT_TIMEOUT="5")
+    run_dir = tmp_path / "run"
+    result = subprocess.run(launch_command(ONLINE + ["--run-dir", str(run_dir)]), cwd=REPO, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    out = result.stdout
+    assert "training complete: 1 epochs, 4 steps" in out and "Traceback" not in out, out[-3000:]
+    assert re.search(r"WARNING wandb could not reach its server .*records offline", out), out[-3000:]
+    assert re.search(r"INFO wandb run \w+ \(offline mode\)", out), out[-3000:]
+    (offline,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    assert read_run(offline)["run_id"] == json.loads((run_dir / "wandb.json").read_text())["run_id"]
