@@ -148,10 +148,11 @@ def _first_line(error: Exception) -> str:
 
 
 class WandbErrors:
-    """wandb's service process (wandb-core) that cannot write its files (a full disk, a file size
-    limit, a lost permission) logs ERROR lines in its own debug-internal.log and goes on: nothing
-    reaches the training, and the offline run file, the only copy in offline mode, stays
-    incomplete. The new lines of that log are read at each check; the first error is told once."""
+    """wandb's service process (wandb-core) that cannot write its run file (a full disk, a file
+    size limit, a lost permission) logs an ERROR line in its own debug-internal.log and goes on:
+    nothing reaches the training, and in offline mode that file is the only copy of the run. The
+    new lines of that log are read at each check; the first such error is told once. Other ERROR
+    lines (an online upload that wandb retries) are not this warning's business."""
 
     def __init__(self, path: str | None):
         self.path, self._offset, self._told = Path(path) if path else None, 0, False
@@ -168,24 +169,27 @@ class WandbErrors:
         complete = chunk.rfind(b"\n") + 1  # a line being written is read whole next time
         self._offset += complete
         for line in chunk[:complete].decode(errors="replace").splitlines():
-            message = _error_message(line)
+            message = _write_error(line)
             if message is not None:
                 self._told = True
-                log.warning("wandb could not record everything %s (%s); its records of this run are "
-                            "incomplete (details: %s)", when, message, self.path)
+                log.warning("wandb could not write its run file %s (%s); in offline mode, where that file "
+                            "is the only copy, those records are lost (details: %s)", when, message, self.path)
                 return
 
 
-def _error_message(line: str) -> str | None:
-    """The message of an ERROR line of wandb's internal log (JSON lines; text in older wandb)."""
+def _write_error(line: str) -> str | None:
+    """The message of an ERROR line of wandb's internal log (JSON lines; text in older wandb) about
+    writing the run file (wandb-core: "writer: failed to save record: transactionlog: ...")."""
     if '"level":"ERROR"' in line:
         try:
-            return str(json.loads(line).get("msg", line))
+            message = str(json.loads(line).get("msg", line))
         except ValueError:
-            return line
-    if " ERROR " in line:
-        return line.split(" ERROR ", 1)[1].strip()
-    return None
+            message = line
+    elif " ERROR " in line:
+        message = line.split(" ERROR ", 1)[1].strip()
+    else:
+        return None
+    return message if "failed to save record" in message or "transactionlog" in message else None
 
 
 def read_wandb_record(path: Path) -> dict:
