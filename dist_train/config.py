@@ -171,7 +171,7 @@ def parse_config(argv: list[str] | None = None, environ=os.environ) -> Config:
     config = Config(**values)
     if not config.run_dir:
         config = dataclasses.replace(config, run_dir=default_run_dir(environ))
-    validate(config)
+    validate(config, environ)
     return config
 
 
@@ -312,7 +312,17 @@ def uses_wandb(config: Config) -> bool:
     return bool(config.wandb_project) and config.wandb_mode != "disabled"
 
 
-def validate(config: Config) -> None:
+def check_fake_size(fake_size: int, environ) -> None:
+    """The images of --dataset fake, in every process of this node, within half its memory."""
+    here = environment_int(environ, "LOCAL_WORLD_SIZE", 0, 1) or environment_int(environ, "SLURM_NTASKS_PER_NODE", 1, 1)
+    each, memory = fake_size * 5 // 4 * 3072, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if each * here > memory // 2:
+        on_node = f", {each * here / 1e9:.1f} GB for the {here} processes on this node" if here > 1 else ""
+        raise UserError(f"--fake-size {fake_size} needs {each / 1e9:.1f} GB in memory in every process (3,072 "
+                        f"bytes an image){on_node}; this machine has {memory / 1e9:.1f} GB")
+
+
+def validate(config: Config, environ=os.environ) -> None:
     """Reject values that cannot train, before any process group exists."""
     for name in ("lr", "momentum", "weight_decay", "hang_timeout", "save_every_minutes"):
         if not math.isfinite(getattr(config, name)):
@@ -326,10 +336,7 @@ def validate(config: Config) -> None:
         if getattr(config, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
     if config.dataset == "fake":  # generated at start-up and held in memory, by every process
-        needed, memory = config.fake_size * 5 // 4 * 3072, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        if needed > memory // 2:
-            raise UserError(f"--fake-size {config.fake_size} needs {needed / 1e9:.1f} GB in memory in every "
-                            f"process (3,072 bytes an image); this machine has {memory / 1e9:.1f} GB")
+        check_fake_size(config.fake_size, environ)
     if not 0 <= config.seed <= MAX_SEED:  # torch keeps a seed's low 32 bits on the CPU: no aliases
         raise UserError(f"--seed must be an integer from 0 to {MAX_SEED}, got {config.seed}")
     from dist_train.models import check_model_name

@@ -120,6 +120,20 @@ def test_a_fake_dataset_larger_than_the_memory_is_refused_before_it_is_generated
     assert parse_config(["--dataset", "fake", "--fake-size", "100000"]).fake_size == 100000
 
 
+def test_a_fake_dataset_counts_every_process_of_the_node():
+    """Each rank on a node holds its own copy: four ranks of a size one process could hold would
+    run the node out of memory. torchrun says how many share it (LOCAL_WORLD_SIZE), srun where
+    asked per node (SLURM_NTASKS_PER_NODE)."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    size = memory // 2 // (3072 * 5 // 4) // 3  # a third of the limit for one process
+    flags = ["--dataset", "fake", "--fake-size", str(size)]
+    assert parse_config(flags, {}).fake_size == size
+    assert parse_config(flags, {"LOCAL_WORLD_SIZE": "2"}).fake_size == size
+    for environ in ({"LOCAL_WORLD_SIZE": "4"}, {"SLURM_NTASKS_PER_NODE": "4"}):
+        with pytest.raises(UserError, match=r"GB in memory in every process .* for the 4 processes on this node"):
+            parse_config(flags, environ)
+
+
 @pytest.mark.parametrize("seed", ["-1", "4294967296", "99999999999999999999"])
 def test_a_seed_torch_would_alias_or_overflow_on_is_refused(seed):
     """torch's CPU generator keeps a seed's low 32 bits (0, 2**32 and 2**63 give the same initial
