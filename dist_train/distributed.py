@@ -136,11 +136,18 @@ def nondeterministic_op(error: BaseException) -> str | None:
     return text.split(" does not have a deterministic implementation", 1)[0].strip().split()[-1]
 
 
+def this_ranks_device(device_choice: str) -> torch.device:
+    """pick_device for this process; run before the run directory exists, its refusals are
+    one line with nothing created. Makes no CUDA context."""
+    _, local_rank, _ = discover_ranks()
+    num_visible = torch.cuda.device_count() if device_choice != "cpu" and torch.cuda.is_available() else 0
+    return pick_device(device_choice, local_rank, num_visible, gpus_given_to_node())
+
+
 def setup(device_choice: str, deterministic: bool = True) -> DistEnv:
     """Pick the device, join the process group (gloo on CPU, nccl on CUDA) when world size > 1."""
     rank, local_rank, world_size = discover_ranks()
-    num_visible = torch.cuda.device_count() if device_choice != "cpu" and torch.cuda.is_available() else 0
-    device = pick_device(device_choice, local_rank, num_visible, gpus_given_to_node())
+    device = this_ranks_device(device_choice)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if deterministic:

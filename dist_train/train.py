@@ -93,8 +93,9 @@ def resume(config: Config, env, training: Training, ckpt_dir: Path) -> tuple[Pro
 
 
 def check_before_touching_disk(config: Config, is_main: bool) -> None:
-    """What can be checked without the run directory: the --resume file, the data directory,
-    the wandb directory."""
+    """What can be checked without the run directory: the device, the --resume file, the data
+    directory, the wandb directory."""
+    distributed.this_ranks_device(config.device)
     if is_main and config.resume:
         load_checkpoint(Path(config.resume), mmap=True)  # verified; read again, onto devices, later
     if is_main:

@@ -151,6 +151,16 @@ def test_nothing_is_created_before_the_configuration_is_known_to_be_good(tmp_pat
     assert not run_dir.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
+def test_a_device_that_is_not_here_is_refused_before_the_run_directory(tmp_path, capsys):
+    """--device cuda without CUDA (and a rank without a GPU of its own, the same code) made the run
+    directory, its lock and checkpoints/ before saying so."""
+    run_dir = tmp_path / "run"
+    assert main(["--dataset", "fake", "--device", "cuda", "--run-dir", str(run_dir)], StopFlag()) == exits.USER_ERROR
+    assert capsys.readouterr().err == "error: --device cuda was asked for but CUDA is not available here; use --device cpu\n"
+    assert not run_dir.exists()
+
+
 def test_new_optimizer_settings_replace_the_loaded_ones_along_the_schedule():
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
