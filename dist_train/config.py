@@ -80,8 +80,8 @@ class Config:
                                             "the new values are used (no longer exact)")
     max_requeues: int = _opt(20, "SIGUSR1 requeues the SLURM job at most this many times")
     hang_timeout: float = _opt(60.0, "a rank silent or stuck in one phase (a step, a save, a batch) this "
-                                     "many seconds ends the run for a restart (0: off); above the "
-                                     "longest step, evaluation and save")
+                                     "many seconds ends the run for a restart (0: off; else at least 5); "
+                                     "above the longest step, evaluation and save")
     max_failures: int = _opt(3, "give up after this many failed launches in a row without a completed "
                                 "epoch (counted in RUN_DIR/failures.json)")
     sweep_file: str | None = _opt(None, "one line of flags per SLURM array task, picked by "
@@ -312,6 +312,9 @@ def uses_wandb(config: Config) -> bool:
     return bool(config.wandb_project) and config.wandb_mode != "disabled"
 
 
+MIN_HANG_TIMEOUT = 5.0  # seconds; the heartbeat alone comes every 0.2-5 s (watchdog.py)
+
+
 def check_fake_size(fake_size: int, environ) -> None:
     """The images of --dataset fake, in every process of this node, within half its memory."""
     here = environment_int(environ, "LOCAL_WORLD_SIZE", 0, 1) or environment_int(environ, "SLURM_NTASKS_PER_NODE", 1, 1)
@@ -337,6 +340,9 @@ def validate(config: Config, environ=os.environ) -> None:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
     if config.dataset == "fake":  # generated at start-up and held in memory, by every process
         check_fake_size(config.fake_size, environ)
+    if 0 < config.hang_timeout < MIN_HANG_TIMEOUT:  # a healthy run would be ended as hung at once
+        raise UserError(f"--hang-timeout must be 0 (off) or at least {MIN_HANG_TIMEOUT:.0f} seconds, got "
+                        f"{config.hang_timeout}: it must outlast the longest step, evaluation and save")
     if not 0 <= config.seed <= MAX_SEED:  # torch keeps a seed's low 32 bits on the CPU: no aliases
         raise UserError(f"--seed must be an integer from 0 to {MAX_SEED}, got {config.seed}")
     from dist_train.models import check_model_name

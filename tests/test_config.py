@@ -134,6 +134,17 @@ def test_a_fake_dataset_counts_every_process_of_the_node():
             parse_config(flags, environ)
 
 
+@pytest.mark.parametrize("seconds", ["0.01", "1", "4.9"])
+def test_a_hang_timeout_shorter_than_a_heartbeat_or_a_save_is_refused(seconds):
+    """--hang-timeout 0.01 on two healthy ranks: 'rank 1 does not respond: no heartbeat for 0 s',
+    a survivor's save and exit 76 within a second (a timeout in minutes, say 1, is the same
+    mistake: the heartbeat alone comes every 0.2-5 s, a save or an evaluation takes longer)."""
+    with pytest.raises(UserError, match=r"^--hang-timeout must be 0 \(off\) or at least 5 seconds"):
+        parse_config(["--hang-timeout", seconds])
+    assert parse_config(["--hang-timeout", "0"]).hang_timeout == 0
+    assert parse_config(["--hang-timeout", "5"]).hang_timeout == 5
+
+
 @pytest.mark.parametrize("seed", ["-1", "4294967296", "99999999999999999999"])
 def test_a_seed_torch_would_alias_or_overflow_on_is_refused(seed):
     """torch's CPU generator keeps a seed's low 32 bits (0, 2**32 and 2**63 give the same initial
