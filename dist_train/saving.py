@@ -7,6 +7,7 @@ prunes; what this process already knows of each file spares pruning from reading
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -189,9 +190,15 @@ def wait_for_pruning() -> None:
         _deleter.join()
 
 
+# The temp files this code makes in a run directory and its checkpoints/ (durable.temp_path, and
+# rundir's write test); nothing else there is removed: the run directory may hold other things.
+_OUR_TEMP_FILE = re.compile(r"^\.(config\.json|wandb\.json|failures\.json|latest|step_\d+\.pt)\.\d+\.[0-9a-f]+\.tmp$"
+                            r"|^\.write-test-\d+\.tmp$")
+
+
 def remove_stale_temp_files(directory: Path) -> None:
     """Temp files left by a save that was killed midway are never loaded; clear them away.
     Call only while holding the run directory's lock: another writer's temp file may be live."""
     for tmp in Path(directory).glob(".*.tmp"):
-        if not tmp.is_dir():
+        if _OUR_TEMP_FILE.match(tmp.name) and not tmp.is_dir():
             tmp.unlink(missing_ok=True)

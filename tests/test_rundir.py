@@ -25,13 +25,18 @@ def test_a_second_holder_is_refused_with_the_first_ones_pid_and_host(tmp_path):
 def test_stale_temp_files_are_removed_in_the_run_dir_and_checkpoints_under_the_lock(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
-    stale = [run_dir / ".config.json.1.ab.tmp", run_dir / "checkpoints" / ".step_000000005.pt.2.cd.tmp"]
-    for path in stale:
+    stale = [run_dir / ".config.json.1.ab.tmp", run_dir / "checkpoints" / ".step_000000005.pt.2.cd.tmp",
+             run_dir / ".wandb.json.7.0123abcd.tmp", run_dir / "checkpoints" / ".latest.8.89abcdef.tmp"]
+    # A run directory may be a directory of other things too ($HOME, a project, a careless /run):
+    # other programs' temp files, even named alike, are theirs.
+    foreign = [run_dir / ".notes.tmp", run_dir / ".report.pdf.123.abcdef12.tmp", run_dir / "checkpoints" / ".x.tmp"]
+    for path in stale + foreign:
         path.write_bytes(b"partial")
     config = SimpleNamespace(run_dir=str(run_dir))
     ckpt_dir, lock = prepare_run_dir(config, is_main=True)
     try:
         assert ckpt_dir == run_dir / "checkpoints" and not any(p.exists() for p in stale)
+        assert all(p.exists() for p in foreign)
         (run_dir / ".config.json.3.ef.tmp").write_bytes(b"live")  # a writer's temp file...
         with pytest.raises(UserError, match="in use"):
             prepare_run_dir(config, is_main=True)  # ...is not touched by a second launch
