@@ -97,6 +97,27 @@ def _check_entries(ckpt_dir: Path) -> None:
             log.warning("ignoring %s: not a regular file", path)
 
 
+_OUR_CONFIG_KEYS = frozenset({"model", "dataset", "batch_size", "epochs", "run_dir"})
+
+
+def check_config_file(run_dir) -> None:
+    """RUN_DIR/config.json, where there is one, must be a run's: a run directory may be a project
+    or model directory too (`--run-dir .`), whose config.json a run would replace."""
+    path = Path(run_dir) / "config.json"
+    if not os.path.lexists(path):
+        return
+    record = None
+    if is_regular_file(path):
+        try:
+            with open(path, "rb") as f:
+                record = json.loads(f.read(1 << 20))  # a run's is a few hundred bytes
+        except (OSError, ValueError):
+            pass
+    if not (isinstance(record, dict) and _OUR_CONFIG_KEYS <= record.keys()):
+        raise UserError(f"{path} is not a dist_train configuration (another program's file?) and a run "
+                        "would replace it: use another --run-dir, or move the file away")
+
+
 def write_config_file(config) -> None:
     """The effective configuration, as RUN_DIR/config.json."""
     write_run_file(Path(config.run_dir) / "config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")

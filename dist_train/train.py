@@ -26,7 +26,7 @@ from dist_train.loop import build_scheduler, evaluate, train_steps
 from dist_train.models import build_model, unwrap
 from dist_train.preemption import (INTERRUPT, NONE, REQUEUE, TERMINATE, SaveClock, StopAgreement, StopFlag,
                                    requeue_slurm_job, restart_count)
-from dist_train.rundir import prepare_run_dir, write_config_file
+from dist_train.rundir import check_config_file, prepare_run_dir, write_config_file
 from dist_train.rng import restore_rng_of_rank, rng_state_at_step, seed_everything, seed_step
 from dist_train.state import (Progress, Training, apply_checkpoint, apply_optimizer_settings, build_checkpoint,
                               capture_environment, choose_resume_checkpoint, rescale_progress,
@@ -100,6 +100,7 @@ def check_before_touching_disk(config: Config, is_main: bool) -> None:
         load_checkpoint(Path(config.resume), mmap=True)  # verified; read again, onto devices, later
     if is_main:
         check_wandb_dir(config)
+        check_config_file(config.run_dir)
     data.check_data_dir(config)
 
 

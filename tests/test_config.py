@@ -172,6 +172,18 @@ def test_a_device_that_is_not_here_is_refused_before_the_run_directory(tmp_path,
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("text", ['{"model_type": "bert", "hidden_size": 768}', "not json", "[1, 2]"])
+def test_another_programs_config_json_in_the_run_directory_is_never_overwritten(tmp_path, text, capsys):
+    """`--run-dir .` in a project or model directory: its config.json was replaced by the run's."""
+    run_dir = tmp_path / "project"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(text)
+    assert main(["--dataset", "fake", "--run-dir", str(run_dir)], StopFlag()) == exits.USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run_dir / 'config.json'} is not a dist_train configuration") and err.count("\n") == 1
+    assert (run_dir / "config.json").read_text() == text and sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
+
+
 def test_new_optimizer_settings_replace_the_loaded_ones_along_the_schedule():
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
