@@ -28,7 +28,7 @@ from dist_train.watchdog import COMPUTING, CONSISTENT, Watchdog
 log = logging.getLogger(__name__)
 
 FAILURES_FILE = "failures.json"
-FAULT_VARIABLE = "DIST_TRAIN_INJECT_FAULT"  # test-only: "KIND@RANK:STEP", KIND raise, kill, stop, usr1 or term
+FAULT_VARIABLE = "DIST_TRAIN_INJECT_FAULT"  # test-only: "KIND@RANK:STEP", KIND raise, kill, stop, usr1, term or slow
 
 
 class TooManyFailures(Exception):
@@ -168,14 +168,17 @@ def is_peer_failure(error: BaseException) -> bool:
 _FAULT_SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "usr1": signal.SIGUSR1, "term": signal.SIGTERM}
 
 
+_FAULT_KINDS = ("raise", *_FAULT_SIGNALS, "slow")  # slow@RANK:MS: that rank sleeps MS ms after every step
+
+
 def parse_fault(text: str | None) -> tuple[str, int, int] | None:
-    """DIST_TRAIN_INJECT_FAULT=KIND@RANK:STEP -> (kind, rank, step)."""
+    """DIST_TRAIN_INJECT_FAULT=KIND@RANK:STEP -> (kind, rank, step); for slow, STEP is milliseconds."""
     if not text:
         return None
     kind, _, where = text.partition("@")
     rank, _, step = where.partition(":")
-    if kind not in _FAULT_SIGNALS and kind != "raise" or not rank.isdigit() or not step.isdigit():
-        raise UserError(f"{FAULT_VARIABLE}={text!r}: expected {'|'.join(['raise', *_FAULT_SIGNALS])}@RANK:STEP")
+    if kind not in _FAULT_KINDS or not rank.isdigit() or not step.isdigit():
+        raise UserError(f"{FAULT_VARIABLE}={text!r}: expected {'|'.join(_FAULT_KINDS)}@RANK:STEP (slow: @RANK:MS)")
     return kind, int(rank), int(step)
 
 
@@ -187,6 +190,9 @@ class FaultInjection:
         self.kind, self.step = (fault[0], fault[2]) if fault and fault[1] == rank else (None, -1)
 
     def after_step(self, global_step: int) -> None:
+        if self.kind == "slow":  # a step as long on a fast machine as on a loaded one, nearly
+            time.sleep(self.step / 1000)
+            return
         if global_step != self.step:
             return
         log.warning("injecting fault %s after step %d (%s)", self.kind, global_step, FAULT_VARIABLE)
