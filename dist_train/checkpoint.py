@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dist_train.errors import CheckpointError, NewerFormatError, UserError
+from dist_train.errors import CheckpointError, NewerFormatError, UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def verify_digest(path: Path) -> None:
     try:
         archive = zipfile.ZipFile(path)
     except bad as error:  # no readable zip directory: truncated, or not a torch.save file at all
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({_first_line(error)})") from None
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line(error)})") from None
     except OSError as error:
         raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
     with archive:
@@ -110,14 +110,9 @@ def verify_digest(path: Path) -> None:
                         pass
         except bad as error:
             raise CheckpointError(f"{path}: broken file, digest check failed "
-                                  f"({_first_line(error)})") from None
+                                  f"({first_line(error)})") from None
         except OSError as error:
             raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def load_checkpoint(path: Path, map_location="cpu", mmap: bool = False) -> dict:
@@ -170,8 +165,7 @@ def _reason(error: Exception) -> str:
     text = str(error)
     if "WeightsUnpickler error:" in text:  # weights_only refused an object: name it
         return text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0].split(". ")[0]
-    lines = text.strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    return first_line(error)
 
 
 def find_latest_valid(ckpt_dir: Path, map_location="cpu") -> tuple[Path, dict] | None:

@@ -19,6 +19,7 @@ import bisect
 import ctypes
 import os
 import queue
+import re
 import secrets
 import threading
 from pathlib import Path
@@ -56,6 +57,15 @@ def fsync_dir(directory: Path) -> None:
 def temp_path(path: Path) -> Path:
     """A temp name beside `path` that no other writer uses (pid and random), hidden, ending in .tmp."""
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+_TEMP_NAME = re.compile(r"^\.(.+)\.\d+\.[0-9a-f]+\.tmp$")
+
+
+def temp_target(name: str) -> str | None:
+    """The name that a file named by temp_path was to become; None for any other name."""
+    match = _TEMP_NAME.match(name)
+    return match.group(1) if match else None
 
 
 class _Writer:

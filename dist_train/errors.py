@@ -60,3 +60,9 @@ def environment_int(environ, name: str, default: int | None = None, minimum: int
 
 
 RUN_ERRORS = (UserError, CheckpointError, DivergedError, SaveFailedError, GaveUp)
+
+
+def first_line(error: Exception) -> str:
+    """The first line of an error's message, or its type's name where it has none."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

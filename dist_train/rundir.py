@@ -15,8 +15,8 @@ import socket
 from pathlib import Path
 
 from dist_train.checkpoint import LATEST, is_regular_file, step_in_name
-from dist_train.saving import remove_stale_temp_files
-from dist_train.durable import write_atomically
+from dist_train.saving import WRITE_TEST, remove_stale_temp_files
+from dist_train.durable import temp_path, write_atomically
 from dist_train.errors import SaveFailedError, UserError
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def prepare_run_dir(config, is_main: bool) -> tuple[Path, RunDirLock | None]:
 def _check_writable(ckpt_dir: Path) -> None:
     try:
         ckpt_dir.mkdir(exist_ok=True)
-        probe = ckpt_dir / f".write-test-{os.getpid()}.tmp"
+        probe = temp_path(ckpt_dir / WRITE_TEST)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:

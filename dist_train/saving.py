@@ -7,15 +7,14 @@ prunes; what this process already knows of each file spares pruning from reading
 from __future__ import annotations
 
 import os
-import re
 import threading
 from pathlib import Path
 
 import torch
 
 from dist_train.checkpoint import (FORMAT_VERSION, LATEST, NewerFormatError, CheckpointError, checkpoint_path,
-                                   list_checkpoints, load_checkpoint, tensors)
-from dist_train.durable import fsync_dir, temp_path, write_atomically
+                                   list_checkpoints, load_checkpoint, step_in_name, tensors)
+from dist_train.durable import fsync_dir, temp_path, temp_target, write_atomically
 
 
 def save_checkpoint(checkpoint: dict, ckpt_dir: Path, keep: int, background: bool = False) -> Path:
@@ -190,15 +189,17 @@ def wait_for_pruning() -> None:
         _deleter.join()
 
 
-# The temp files this code makes in a run directory and its checkpoints/ (durable.temp_path, and
-# rundir's write test); nothing else there is removed: the run directory may hold other things.
-_OUR_TEMP_FILE = re.compile(r"^\.(config\.json|wandb\.json|failures\.json|latest|step_\d+\.pt)\.\d+\.[0-9a-f]+\.tmp$"
-                            r"|^\.write-test-\d+\.tmp$")
+# The files this code writes through temp files in a run directory and its checkpoints/ (beside
+# step_N.pt); only their temp files are removed: the run directory may hold other things.
+WRITE_TEST = "write-test"  # rundir's probe that checkpoints/ is writable
+_RUN_DIR_FILES = frozenset({"config.json", "wandb.json", "failures.json", LATEST, WRITE_TEST})
 
 
 def remove_stale_temp_files(directory: Path) -> None:
     """Temp files left by a save that was killed midway are never loaded; clear them away.
     Call only while holding the run directory's lock: another writer's temp file may be live."""
     for tmp in Path(directory).glob(".*.tmp"):
-        if _OUR_TEMP_FILE.match(tmp.name) and not tmp.is_dir():
+        target = temp_target(tmp.name)
+        ours = target is not None and (target in _RUN_DIR_FILES or step_in_name(Path(target)) is not None)
+        if ours and not tmp.is_dir():
             tmp.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 from dist_train.config import uses_wandb
-from dist_train.errors import UserError
+from dist_train.errors import UserError, first_line
 from dist_train.rundir import write_run_file
 
 log = logging.getLogger(__name__)
@@ -102,13 +102,10 @@ class WandbTracker:
         A relaunch opens the same wandb run again (wandb.json) and sends the steps it trains."""
         import wandb
 
-        log.warning("wandb stopped working %s (%s: %s); %s", when, type(error).__name__, _first_line(error),
+        log.warning("wandb stopped working %s (%s: %s); %s", when, type(error).__name__, first_line(error),
                     consequence)
         self.run = None
-        try:
-            wandb.teardown()  # unhooks wandb's own exit handler, which would print the same failure again
-        except Exception:
-            pass
+        _teardown(wandb)  # wandb's own exit handler would print the same failure again
 
     def _read_state(self) -> dict:
         return read_wandb_record(self._state_path)
@@ -128,23 +125,23 @@ def _start_wandb(wandb, mode: str, **arguments):
     try:
         return wandb.init(mode=mode, **arguments)
     except (wandb.errors.UsageError, wandb.errors.AuthenticationError) as error:
-        raise UserError(f"wandb could not start ({_first_line(error)}): log in (`wandb login`, or set "
+        raise UserError(f"wandb could not start ({first_line(error)}): log in (`wandb login`, or set "
                         f"WANDB_API_KEY), or pass --wandb-mode offline") from None
     except wandb.errors.CommError as error:
         if mode != "online":
             raise
         log.warning("wandb could not reach its server (%s); this launch records offline: `wandb sync` "
-                    "its directory to upload it", _first_line(error))
-        try:
-            wandb.teardown()  # the failed run keeps its id in use in wandb's service process
-        except Exception:
-            pass
+                    "its directory to upload it", first_line(error))
+        _teardown(wandb)  # the failed run keeps its id in use in wandb's service process
         return wandb.init(mode="offline", **arguments)
 
 
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+def _teardown(wandb) -> None:
+    """wandb.teardown(), which also unhooks wandb's exit handler; after a failure it fails too."""
+    try:
+        wandb.teardown()
+    except Exception:
+        pass
 
 
 class WandbErrors:
