@@ -132,6 +132,8 @@ def test_a_fake_dataset_counts_every_process_of_the_node():
     for environ in ({"LOCAL_WORLD_SIZE": "4"}, {"SLURM_NTASKS_PER_NODE": "4"}):
         with pytest.raises(UserError, match=r"GB in memory in every process .* for the 4 processes on this node"):
             parse_config(flags, environ)
+    with pytest.raises(UserError, match=r"^LOCAL_WORLD_SIZE='x' in the environment is not a whole number >= 1"):
+        parse_config(flags, {"LOCAL_WORLD_SIZE": "x"})
 
 
 @pytest.mark.parametrize("seconds", ["0.01", "1", "4.9"])
