@@ -74,6 +74,9 @@ class Config:
     wandb_mode: str = _opt("online", "wandb mode", choices=WANDB_MODES, env="WANDB_MODE")
     wandb_dir: str | None = _opt(None, "wandb writes its files under WANDB_DIR/wandb/; unset: the run directory",
                                  type=str, env="WANDB_DIR")
+    wandb_timeout: float = _opt(120.0, "a wandb call (a log, the finish at the end) unanswered this many "
+                                       "seconds is given up: wandb's service process is stopped and the "
+                                       "training goes on without metrics (0: wait for ever; else at least 5)")
     allow_config_change: bool = _opt(False, "resume even if a setting exactness depends on (model, data, batch "
                                             "size, seed, epochs, lr, momentum, weight decay, world size, "
                                             "threads, device, torch version) differs from the checkpoint's; "
@@ -263,7 +266,7 @@ HARMLESS_FIELDS = frozenset({"run_dir", "data_dir", "download", "num_workers", "
                              "resume", "device", "eval", "log_every_steps", "stop_check_every_steps",
                              "log_level", "wandb_project", "wandb_entity", "wandb_name", "wandb_mode",
                              "allow_config_change", "max_requeues", "sweep_file", "data_path", "wandb_dir",
-                             "hang_timeout", "max_failures"})
+                             "hang_timeout", "max_failures", "wandb_timeout"})
 ENVIRONMENT_NAMES = {"num_threads": "thread count (torch.get_num_threads)", "device_type": "device type",
                      "deterministic": "deterministic algorithms", "torch_version": "torch version"}
 
@@ -313,6 +316,7 @@ def uses_wandb(config: Config) -> bool:
 
 
 MIN_HANG_TIMEOUT = 5.0  # seconds; the heartbeat alone comes every 0.2-5 s (watchdog.py)
+MIN_WANDB_TIMEOUT = 5.0
 
 
 def check_fake_size(fake_size: int, environ) -> None:
@@ -327,7 +331,7 @@ def check_fake_size(fake_size: int, environ) -> None:
 
 def validate(config: Config, environ=os.environ) -> None:
     """Reject values that cannot train, before any process group exists."""
-    for name in ("lr", "momentum", "weight_decay", "hang_timeout", "save_every_minutes"):
+    for name in ("lr", "momentum", "weight_decay", "hang_timeout", "save_every_minutes", "wandb_timeout"):
         if not math.isfinite(getattr(config, name)):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(config, name)}")
     positive = ("epochs", "batch_size", "lr", "keep", "fake_size", "log_every_steps", "stop_check_every_steps")
@@ -335,7 +339,7 @@ def validate(config: Config, environ=os.environ) -> None:
         if getattr(config, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
     for name in ("num_workers", "save_every_steps", "weight_decay", "momentum", "max_requeues",
-                 "hang_timeout", "max_failures", "save_every_minutes"):
+                 "hang_timeout", "max_failures", "save_every_minutes", "wandb_timeout"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
     if config.dataset == "fake":  # generated at start-up and held in memory, by every process
@@ -343,6 +347,9 @@ def validate(config: Config, environ=os.environ) -> None:
     if 0 < config.hang_timeout < MIN_HANG_TIMEOUT:  # a healthy run would be ended as hung at once
         raise UserError(f"--hang-timeout must be 0 (off) or at least {MIN_HANG_TIMEOUT:.0f} seconds, got "
                         f"{config.hang_timeout}: it must outlast the longest step, evaluation and save")
+    if 0 < config.wandb_timeout < MIN_WANDB_TIMEOUT:  # finishing an offline run alone takes 1-3 s here
+        raise UserError(f"--wandb-timeout must be 0 (wait for ever) or at least {MIN_WANDB_TIMEOUT:.0f} seconds, "
+                        f"got {config.wandb_timeout}")
     if not 0 <= config.seed <= MAX_SEED:  # torch keeps a seed's low 32 bits on the CPU: no aliases
         raise UserError(f"--seed must be an integer from 0 to {MAX_SEED}, got {config.seed}")
     from dist_train.models import check_model_name

@@ -15,8 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import re
+import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -74,28 +77,45 @@ class WandbTracker:
         log.info("wandb run %s (%s mode) in project %s, files under %s", self.run_id, mode,
                  config.wandb_project, used / "wandb")
         self._errors = WandbErrors(getattr(self.run.settings, "log_internal", None))
+        self._timeout = config.wandb_timeout
+        self._sender = Sender()
 
     def log(self, kind: str, metrics: dict, step: int) -> None:
         """Send `metrics` at `step` unless a step at or past it was already sent for this kind."""
         if self.run is None or step <= self._logged.get(kind, -1):
             return
+        if self._failed(f"by step {step}", "this launch sends no more metrics, the training goes on"):
+            return
         self._logged[kind] = step
         self._write_state()
-        try:
-            self.run.log({f"{kind}/{key}": value for key, value in metrics.items()}, step=step)
-        except Exception as error:  # wandb's service process died, its socket broke: metrics only
-            self._give_up(f"at step {step}", error, "this launch sends no more metrics, the training goes on")
+        self._sender.put(f"at step {step}", self.run.log, {f"{kind}/{key}": value for key, value in metrics.items()},
+                         step=step)
         if kind == "checkpoint":  # now and then, not at every step
             self._errors.check(f"by step {step}")
 
     def finish(self) -> None:
-        if self.run is not None:
-            try:
-                self.run.finish()
-            except Exception as error:
-                self._give_up("at the end of the launch", error, "its records of this launch may be incomplete")
-                return
+        if self.run is None:
+            return
+        consequence = "its records of this launch may be incomplete"
+        if self._failed("by the end of the launch", consequence):
+            return
+        self._sender.put("at the end of the launch", self.run.finish)
+        if not self._sender.close(self._timeout):
+            self._give_up_waiting("at the end of the launch", consequence)
+        elif not self._failed("at the end of the launch", consequence):
             self._errors.check("by the end of the launch")
+
+    def _failed(self, when: str, consequence: str) -> bool:
+        """Whether wandb stopped working (then said once): a call raised, or one has been waiting
+        for an answer longer than --wandb-timeout."""
+        if self._sender.error is not None:
+            what, error = self._sender.error
+            self._give_up(what, error, consequence)
+            return True
+        if self._timeout and self._sender.waiting_for() > self._timeout:
+            self._give_up_waiting(when, consequence)
+            return True
+        return False
 
     def _give_up(self, when: str, error: Exception, consequence: str) -> None:
         """Metrics are not worth a training: say so once, and send nothing more from this launch.
@@ -106,6 +126,20 @@ class WandbTracker:
                     consequence)
         self.run = None
         _teardown(wandb)  # wandb's own exit handler would print the same failure again
+
+    def _give_up_waiting(self, when: str, consequence: str) -> None:
+        """A wandb-core that is alive but does not answer (stopped, deadlocked: wandb issues 3223,
+        5601) would hold the call for ever, and wandb's teardown at exit after it. It is killed,
+        which ends the waiting call with an error; its run file keeps what it had written (it
+        flushes every second), for `wandb sync` to upload."""
+        import wandb
+
+        stopped = _kill_wandb_core()
+        log.warning("wandb has not answered for %.0f s %s (--wandb-timeout %g); %s; %s", self._sender.waiting_for(),
+                    when, self._timeout, "its service process was stopped" if stopped else
+                    "its service process was not found", consequence)
+        self.run = None
+        _teardown(wandb)
 
     def _read_state(self) -> dict:
         return read_wandb_record(self._state_path)
@@ -136,12 +170,85 @@ def _start_wandb(wandb, mode: str, **arguments):
         return wandb.init(mode="offline", **arguments)
 
 
-def _teardown(wandb) -> None:
-    """wandb.teardown(), which also unhooks wandb's exit handler; after a failure it fails too."""
+def _teardown(wandb, wait: float = 10.0) -> None:
+    """wandb.teardown(), which also unhooks wandb's exit handler; after a failure it fails too.
+    On a thread, waited for `wait` s: teardown waits for wandb-core to exit, and one that does not
+    (not found to be killed) must not hold this process. Its exit handler is unhooked first thing."""
+
+    def teardown() -> None:
+        try:
+            wandb.teardown()
+        except Exception:
+            pass
+
+    thread = threading.Thread(target=teardown, name="wandb-teardown", daemon=True)
+    thread.start()
+    thread.join(wait)
+
+
+class Sender:
+    """wandb's calls, made in order on a thread of their own. A wandb-core that stops answering
+    blocks the call that waits on it (its socket buffer full, or an answer awaited): that call
+    must not be the training's. The training thread queues calls and asks how long the one in
+    progress has waited. After a call raises, the rest are dropped (the first error is kept)."""
+
+    def __init__(self):
+        self.error: tuple[str, Exception] | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._since: float | None = None  # when the call in progress started
+        self._thread = threading.Thread(target=self._run, name="wandb-sender", daemon=True)
+        self._thread.start()
+
+    def put(self, what: str, call, *args, **kwargs) -> None:
+        self._queue.put((what, call, args, kwargs))
+
+    def waiting_for(self) -> float:
+        """Seconds the call in progress has run; 0 when none runs."""
+        since = self._since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def close(self, timeout: float) -> bool:
+        """Run what is queued; False as soon as one call has waited longer than `timeout` (0: none)."""
+        self._queue.put(None)
+        while self._thread.is_alive():
+            self._thread.join(0.1)
+            if timeout and self.waiting_for() > timeout:
+                return False
+        return True
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            what, call, args, kwargs = item
+            if self.error is not None:
+                continue
+            self._since = time.monotonic()
+            try:
+                call(*args, **kwargs)
+            except Exception as error:  # wandb's service process died, its socket broke: metrics only
+                self.error = (what, error)
+            finally:
+                self._since = None
+
+
+def _kill_wandb_core() -> bool:
+    """SIGKILL this process's own wandb-core (a child, found through /proc); whether one was."""
+    found = False
     try:
-        wandb.teardown()
-    except Exception:
-        pass
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return False
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().split(b"\0")[0]
+            if parent == os.getpid() and os.path.basename(command).startswith(b"wandb-core"):
+                os.kill(pid, signal.SIGKILL)
+                found = True
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
 
 
 class WandbErrors:

@@ -147,6 +147,16 @@ def test_a_hang_timeout_shorter_than_a_heartbeat_or_a_save_is_refused(seconds):
     assert parse_config(["--hang-timeout", "5"]).hang_timeout == 5
 
 
+@pytest.mark.parametrize("seconds", ["0.5", "4.9", "-1", "nan"])
+def test_a_wandb_timeout_too_short_to_finish_a_run_is_refused(seconds):
+    """Finishing an offline wandb run alone takes 1-3 s here: a shorter timeout would give up a
+    healthy wandb at every launch's end."""
+    with pytest.raises(UserError, match=r"^--wandb-timeout must (be|not be negative)"):
+        parse_config(["--wandb-timeout", seconds])
+    assert parse_config(["--wandb-timeout", "0"]).wandb_timeout == 0
+    assert parse_config([]).wandb_timeout == 120
+
+
 @pytest.mark.parametrize("seed", ["-1", "4294967296", "99999999999999999999"])
 def test_a_seed_torch_would_alias_or_overflow_on_is_refused(seed):
     """torch's CPU generator keeps a seed's low 32 bits (0, 2**32 and 2**63 give the same initial

@@ -248,6 +248,53 @@ def test_a_dead_wandb_service_stops_the_metrics_not_the_training(tmp_path):
     assert newest_checkpoint(run_dir)["global_step"] == 256
 
 
+@pytest.mark.parametrize("steps, pace, when, consequence", [
+    (256, None, "at the end of the launch", "its records of this launch may be incomplete"),
+    # Twice the steps, 30 ms after each: the training outlasts the timeout after the socket has
+    # filled (~250 records), and a log call finds it
+    (512, "slow@0:30", r"by step \d+", "this launch sends no more metrics, the training goes on")])
+def test_a_stuck_wandb_service_is_given_up_after_the_timeout_and_the_training_ends(tmp_path, steps, pace, when,
+                                                                                     consequence):
+    """wandb's service process alive but not answering (stopped here; deadlocked or starved in the
+    field): its socket fills and a log call blocks for ever, before the final save (seen: 255 of
+    256 steps, then nothing for 240 s). The training must go on to its end and exit 0; the
+    service process is killed so that nothing waits for it at exit, with one warning."""
+    run_dir = tmp_path / "run"
+    args = ["--device", "cpu", "--dataset", "fake", "--fake-size", str(steps * 8), "--batch-size", "16",
+            "--epochs", "2", "--num-workers", "0", "--log-every-steps", "1", "--no-eval", "--run-dir", str(run_dir),
+            "--wandb-project", "dist-train-tests", "--wandb-mode", "offline", "--wandb-timeout", "5"]
+    launch = Launch(args, tmp_path / "train.log", env_extra={"DIST_TRAIN_INJECT_FAULT": pace} if pace else None)
+    launch.wait_for(r"wandb run \w+ \(offline mode\)")
+    core = wandb_core_processes(launch)
+    for pid in core:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        assert launch.wait(timeout=300) == 0, launch.output()[-3000:]
+        left = [pid for pid in core if _alive(pid)]  # the run's, not the cleanup's, doing
+    finally:
+        for pid in core:  # a run that hung leaves them stopped
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert not left, "the run left its stopped wandb-core behind"
+    out = launch.output()
+    assert f"training complete: 2 epochs, {steps} steps" in out
+    assert "Traceback" not in out and "Exception ignored" not in out, out[-3000:]
+    warnings = re.findall(r"WARNING wandb .*", out)
+    assert len(warnings) == 1 and re.search(rf"wandb has not answered for \d+ s {when} \(--wandb-timeout 5\); its "
+                                            rf"service process was stopped; {consequence}", warnings[0]), out[-3000:]
+    assert newest_checkpoint(run_dir)["global_step"] == steps
+
+
+def _alive(pid: int) -> bool:
+    """Running or stopped; a zombie (killed, not yet reaped) or a reaped process is not."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
 def test_wandb_files_that_cannot_be_written_are_reported_once(tmp_path):
     """wandb-core that cannot write its run file (here a file size limit: EFBIG, as a full disk
     gives ENOSPC) only says so in its own internal log and goes on; the training tells the user,
