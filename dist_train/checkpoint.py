@@ -84,7 +84,8 @@ def read_latest_marker(ckpt_dir: Path) -> Path | None:
     if not is_regular_file(marker):
         return None
     try:
-        name = marker.read_text().strip()
+        with open(marker) as f:
+            name = f.read(256).strip()  # a name; not a whole file that is something else
     except (OSError, UnicodeDecodeError):
         return None
     return Path(ckpt_dir) / name if _NAME.match(name) else None

@@ -22,7 +22,7 @@ from pathlib import Path
 from dist_train import exits
 from dist_train.distributed import side_store
 from dist_train.errors import UserError
-from dist_train.rundir import write_run_file
+from dist_train.rundir import read_run_record, write_run_file
 from dist_train.watchdog import COMPUTING, CONSISTENT, Watchdog
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,9 @@ def record_epoch_done(run_dir: Path, next_epoch: int) -> None:
 
 def _read(path: Path) -> dict:
     """The record, or {} where there is none or it is not one (a file anyone can edit)."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
+    if not os.path.lexists(path):
         return {}
+    record = read_run_record(path)
     counts = [record.get(key) for key in ("epoch", "failures")] if isinstance(record, dict) else [None]
     if not all(type(n) is int and n >= 0 for n in counts):
         log.warning("ignoring %s: not a record of failures", path)

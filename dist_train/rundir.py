@@ -98,6 +98,21 @@ def _check_entries(ckpt_dir: Path) -> None:
 
 
 _OUR_CONFIG_KEYS = frozenset({"model", "dataset", "batch_size", "epochs", "run_dir"})
+_RECORD_LIMIT = 1 << 20  # a run's records are a few hundred bytes
+
+
+def read_run_record(path: Path):
+    """The JSON value of a record of the run directory (config.json, wandb.json, failures.json),
+    or None where there is none or it cannot be one: not a regular file (a FIFO would block the
+    start, a link to /dev/zero fill the memory), over 1 MB, or not JSON."""
+    if not is_regular_file(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            text = f.read(_RECORD_LIMIT + 1)
+        return json.loads(text) if len(text) <= _RECORD_LIMIT else None
+    except (OSError, ValueError):
+        return None
 
 
 def check_config_file(run_dir) -> None:
@@ -106,13 +121,7 @@ def check_config_file(run_dir) -> None:
     path = Path(run_dir) / "config.json"
     if not os.path.lexists(path):
         return
-    record = None
-    if is_regular_file(path):
-        try:
-            with open(path, "rb") as f:
-                record = json.loads(f.read(1 << 20))  # a run's is a few hundred bytes
-        except (OSError, ValueError):
-            pass
+    record = read_run_record(path)
     if not (isinstance(record, dict) and _OUR_CONFIG_KEYS <= record.keys()):
         raise UserError(f"{path} is not a dist_train configuration (another program's file?) and a run "
                         "would replace it: use another --run-dir, or move the file away")

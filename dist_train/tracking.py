@@ -26,7 +26,7 @@ from pathlib import Path
 
 from dist_train.config import uses_wandb
 from dist_train.errors import UserError, first_line
-from dist_train.rundir import write_run_file
+from dist_train.rundir import read_run_record, write_run_file
 
 log = logging.getLogger(__name__)
 
@@ -299,10 +299,9 @@ def _write_error(line: str) -> str | None:
 def read_wandb_record(path: Path) -> dict:
     """RUN_DIR/wandb.json, or {} where there is none or it is not one (a file anyone can edit):
     then the checkpoint's run id, or a new one, is used."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
+    if not os.path.lexists(path):
         return {}
+    record = read_run_record(path)
     ok = (isinstance(record, dict) and isinstance(record.get("run_id"), str)
           and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", record["run_id"]) and isinstance(record.get("logged"), dict)
           and all(isinstance(k, str) and type(v) is int for k, v in record["logged"].items()))

@@ -51,3 +51,49 @@ def test_temp_names_differ_between_writers(tmp_path):
     assert len(names) == 100 and all(n.name.startswith(".step_000000005.pt.") and n.name.endswith(".tmp")
                                      for n in names)
     assert all(f".{os.getpid()}." in n.name for n in names)
+
+
+_RECORD_PROBE = """
+import logging, os, sys
+from pathlib import Path
+from dist_train import healing
+from dist_train.errors import UserError
+from dist_train.rundir import check_config_file
+from dist_train.tracking import read_wandb_record
+logging.basicConfig(stream=sys.stdout, format="%(message)s")
+run_dir = Path(sys.argv[1])
+print("wandb", read_wandb_record(run_dir / "wandb.json"))
+print("failures counted", healing.count_launch(run_dir, next_epoch=0, max_failures=3))
+try:
+    check_config_file(run_dir)
+except UserError as error:
+    print("config refused")
+"""
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero", "2 MB"])
+def test_run_directory_records_that_cannot_be_records_are_not_read(tmp_path, kind):
+    """wandb.json, failures.json and config.json are read at every start: a FIFO in their place
+    blocked the start for ever, a link to /dev/zero filled the memory. Each is read only where it is
+    a regular file of at most 1 MB (a run's are a few hundred bytes), else taken for no record
+    (wandb.json, failures.json: with a warning) or refused (config.json: another program's file).
+    In a subprocess, so that a read that never ends fails the test instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, python_env
+
+    for name in ("wandb.json", "failures.json", "config.json"):
+        path = tmp_path / name
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "2 MB":
+            path.write_text('{"run_id": "abc", "logged": {}, "epoch": 0, "failures": 1, "pad": "'
+                            + "x" * (2 << 20) + '"}')
+        else:
+            path.symlink_to("/dev/zero")
+    out = subprocess.run([sys.executable, "-c", _RECORD_PROBE, str(tmp_path)], env=python_env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=60).stdout
+    assert out.splitlines() == [f"ignoring {tmp_path / 'wandb.json'}: not a record of a wandb run", "wandb {}",
+                                f"ignoring {tmp_path / 'failures.json'}: not a record of failures",
+                                "failures counted 0", "config refused"], out[:3000]
