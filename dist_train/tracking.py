@@ -66,10 +66,21 @@ class WandbTracker:
         self.run_id = state.get("run_id") or run_id or uuid.uuid4().hex[:12]
         self._logged = state.get("logged", {})
         self._write_state()  # the id is on disk before the run exists anywhere
-        self.run = _start_wandb(wandb, config.wandb_mode, project=config.wandb_project, entity=config.wandb_entity,
-                                name=run_name(config.wandb_name, config.run_dir), id=self.run_id,
-                                resume="allow", dir=wandb_dir, config=config.to_dict(),
-                                settings=_flush_often(wandb))
+        self._timeout = config.wandb_timeout
+        try:
+            self.run = _start_wandb(wandb, config.wandb_mode, project=config.wandb_project,
+                                    entity=config.wandb_entity, name=run_name(config.wandb_name, config.run_dir),
+                                    id=self.run_id, resume="allow", dir=wandb_dir, config=config.to_dict(),
+                                    settings=_flush_often(wandb))
+        except UserError:
+            raise
+        except Exception as error:  # its service process did not start (slow to, killed, missing)
+            log.warning("wandb could not start (%s: %s); this launch trains without metrics, a relaunch "
+                        "tries again", type(error).__name__, first_line(error))
+            self.run = None
+            _kill_wandb_core()  # one that started too late to be waited for
+            _teardown(wandb)
+            return
         used = Path(self.run.settings.root_dir)  # wandb falls back to the temp directory on its own
         if used.resolve() != Path(wandb_dir).resolve():
             log.warning("wandb could not use %s and writes under %s", wandb_dir, used / "wandb")
@@ -77,7 +88,6 @@ class WandbTracker:
         log.info("wandb run %s (%s mode) in project %s, files under %s", self.run_id, mode,
                  config.wandb_project, used / "wandb")
         self._errors = WandbErrors(getattr(self.run.settings, "log_internal", None))
-        self._timeout = config.wandb_timeout
         self._sender = Sender()
 
     def log(self, kind: str, metrics: dict, step: int) -> None:
