@@ -14,7 +14,10 @@ can there, and ends the process with exits.PEER_FAILED, which torchrun --max-res
 sbatch scripts restart. So --hang-timeout must exceed the longest step, evaluation and save.
 
 Silence is measured on each rank's own monotonic clock, from when it saw a counter change, so
-clocks that differ between hosts do not matter.
+clocks that differ between hosts do not matter. That clock runs on while the process does not
+(the whole job stopped: `scontrol suspend`, gang scheduling, SIGSTOP): a watchdog that wakes
+much later than it asked to counts that time as stopped, subtracts it from how long its rank has
+been in its phase, and gives every peer a fresh `timeout` to beat again.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ class Watchdog:
         self.interval = interval or max(0.2, min(5.0, timeout / 6))
         self.on_fault = on_fault  # called once, from the watchdog thread, with a description
         self.step, self.phase, self._phase_start = 0, STARTING, time.monotonic()
+        self._stopped = 0.0  # seconds this process was found not running, in all
+        self._stopped_at_phase_start = 0.0
         self._count = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dist_train-watchdog", daemon=True)
@@ -69,6 +74,7 @@ class Watchdog:
     def enter(self, phase: str, step: int | None = None) -> None:
         if step is not None:
             self.step = step
+        self._stopped_at_phase_start = self._stopped
         self.phase, self._phase_start = phase, time.monotonic()
 
     def start(self) -> "Watchdog":
@@ -84,7 +90,16 @@ class Watchdog:
         start = time.monotonic()
         for s in seen:
             s.count_changed = start
+        asleep = time.monotonic()
         while not self._stop.wait(self.interval):
+            woke = time.monotonic()
+            late = woke - asleep - self.interval
+            if late > max(2.0, self.interval):  # this process did not run: the job was stopped
+                self._stopped += late
+                log.info("this process did not run for %.0f s (the job stopped and continued?); "
+                         "that time is not counted against any rank", late)
+                for s in seen:
+                    s.count_changed = max(s.count_changed, woke)
             try:
                 self._beat()
                 fault = self._check(seen, self._read(), time.monotonic())
@@ -94,10 +109,12 @@ class Watchdog:
                 log.error("%s", fault)
                 self.on_fault(fault)
                 return
+            asleep = time.monotonic()
 
     def _beat(self) -> None:
         self._count += 1
-        beat = Beat(self._count, self.step, self.phase, round(time.monotonic() - self._phase_start, 1))
+        in_phase = time.monotonic() - self._phase_start - (self._stopped - self._stopped_at_phase_start)
+        beat = Beat(self._count, self.step, self.phase, round(max(0.0, in_phase), 1))
         self.store.set(f"heartbeat/{self.rank}", json.dumps(beat.__dict__))
 
     def _read(self) -> list[Beat | None]:

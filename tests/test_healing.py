@@ -3,13 +3,15 @@ restarted in the job and finished bit for bit; failures counted so that a failin
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SMALL_RUN, Launch, assert_same_training_state, newest_checkpoint
+from conftest import REPO, SMALL_RUN, Launch, assert_same_training_state, newest_checkpoint, process_tree
 from dist_train import exits, healing
 from dist_train.errors import SaveFailedError, UserError
 from dist_train.watchdog import AGREEING, COMPUTING, LOADING, Beat, Seen, find_fault
@@ -98,6 +100,34 @@ def test_a_failed_rank_costs_no_step_under_torchrun(kind, reference_ws2, session
     assert len(trained) - len(set(trained)) == 0, "a step was trained twice"
     assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference_ws2))
     print(f"\n{kind}: fault to the first step after recovery {recovery:.0f} s, 0 steps trained twice")
+
+
+def test_a_suspended_job_goes_on_without_a_fault(reference_ws2, session_dir):
+    """The whole job stopped, then continued (`scontrol suspend`/`resume`, gang scheduling with
+    PreemptMode=SUSPEND, SIGSTOP/SIGCONT by hand) for longer than --hang-timeout: the clocks ran on
+    while no rank ran, so at the continue each rank found the others silent for that long (before:
+    "rank 1 does not respond: no heartbeat for 15 s", a survivor's save, exit 76 on every rank: a
+    restart spent, counted towards --max-failures). A watchdog that finds that it did not run
+    itself discounts that time; the training goes on and ends bit for bit."""
+    run_dir = session_dir / "suspended"
+    launch = Launch(SMALL_RUN + ["--run-dir", str(run_dir), "--hang-timeout", "5"], session_dir / "suspended.log",
+                    nproc=2, env_extra={healing.FAULT_VARIABLE: "slow@0:300"})  # 24 steps of 300+ ms
+    launch.wait_for(r"epoch 0 step 4 batch", timeout=180)
+    tree = process_tree(launch.proc.pid)
+    for sig in (signal.SIGSTOP, signal.SIGCONT):
+        for pid in tree:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if sig == signal.SIGSTOP:
+            time.sleep(15)  # 3 x --hang-timeout
+    assert launch.wait(timeout=240) == 0, launch.output()[-3000:]
+    out = launch.output()
+    assert "does not respond" not in out and " hangs" not in out, out[-3000:]
+    trained = [int(s) for s in re.findall(r"epoch \d+ step (\d+) batch", out)]
+    assert trained == list(range(1, 25)), trained
+    assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference_ws2))
 
 
 @pytest.mark.parametrize("flags, message", [
