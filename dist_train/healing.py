@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from dist_train import exits
+from dist_train import exits, processes
 from dist_train.distributed import side_store
 from dist_train.errors import UserError
 from dist_train.rundir import read_run_record, write_run_file
@@ -137,8 +137,7 @@ class SurvivorSave:
         """From the watchdog thread: save if possible, then end at once (the main thread is blocked)."""
         abort_process_group()  # first: on a GPU the save's copies queue behind a stuck collective
         self(why)
-        logging.shutdown()
-        os._exit(exits.PEER_FAILED)
+        processes.end_now(exits.PEER_FAILED)
 
 
 def abort_process_group() -> None:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dist_train import exits
+from dist_train import exits, processes
 from dist_train.errors import environment_int
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class StopFlag:
             return
         if signum == signal.SIGINT:
             if self._interrupted:  # the user means it: no save, no teardown
-                os._exit(exits.INTERRUPTED)
+                processes.end_now(exits.INTERRUPTED)
             self._interrupted = True
         if SIGNAL_REQUESTS[signum] > self.request:
             self.request = SIGNAL_REQUESTS[signum]

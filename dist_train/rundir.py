@@ -14,6 +14,7 @@ import os
 import socket
 from pathlib import Path
 
+from dist_train import processes
 from dist_train.checkpoint import LATEST, is_regular_file, step_in_name
 from dist_train.saving import WRITE_TEST, remove_stale_temp_files
 from dist_train.durable import temp_path, write_atomically
@@ -46,10 +47,14 @@ class RunDirLock:
                             "with -o flock, or use a run directory on a filesystem that supports flock") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        processes.before_exit(self.release)
 
     def release(self) -> None:
+        """Unlock, then close: forked children (loader workers) share the lock, and closing this
+        descriptor alone would leave it held by any of them still alive."""
         if self._fd is not None:
-            os.close(self._fd)  # closing the last descriptor drops the flock
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
             self._fd = None
 
 

@@ -17,7 +17,6 @@ import logging
 import os
 import queue
 import re
-import signal
 import sys
 import threading
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from dist_train.config import uses_wandb
 from dist_train.errors import UserError, first_line
+from dist_train.processes import children, kill
 from dist_train.rundir import read_run_record, write_run_file
 
 log = logging.getLogger(__name__)
@@ -241,24 +241,10 @@ class Sender:
 
 
 def _kill_wandb_core() -> bool:
-    """SIGKILL this process's own wandb-core (a child, found through /proc); whether one was."""
-    found = False
-    try:
-        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
-    except OSError:
-        return False
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                parent = int(f.read().rsplit(b")", 1)[1].split()[1])
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                command = f.read().split(b"\0")[0]
-            if parent == os.getpid() and os.path.basename(command).startswith(b"wandb-core"):
-                os.kill(pid, signal.SIGKILL)
-                found = True
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
+    """SIGKILL this process's own wandb-core (a child); whether there was one."""
+    cores = [pid for pid, command in children() if os.path.basename(command).startswith(b"wandb-core")]
+    kill(cores)
+    return bool(cores)
 
 
 class WandbErrors:

@@ -55,6 +55,14 @@ def run(args: list[str], nproc: int = 1, timeout: float = 300, script: Path = TR
     return result
 
 
+def alive(pid: int) -> bool:
+    """Running or stopped; a zombie (dead, not yet reaped) or a reaped process is not."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
 def process_tree(root: int) -> list[int]:
     """root and all its descendants, from /proc."""
     children: dict[int, list[int]] = {}

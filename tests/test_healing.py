@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SMALL_RUN, Launch, assert_same_training_state, newest_checkpoint, process_tree
+from conftest import (REPO, SMALL_RUN, Launch, alive, assert_same_training_state, newest_checkpoint,
+                      process_tree)
 from dist_train import exits, healing
 from dist_train.errors import SaveFailedError, UserError
 from dist_train.watchdog import AGREEING, COMPUTING, LOADING, Beat, Seen, find_fault
@@ -128,6 +129,53 @@ def test_a_suspended_job_goes_on_without_a_fault(reference_ws2, session_dir):
     trained = [int(s) for s in re.findall(r"epoch \d+ step (\d+) batch", out)]
     assert trained == list(range(1, 25)), trained
     assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference_ws2))
+
+
+def test_a_rank_wedged_by_its_loader_workers_is_restarted_and_its_workers_do_not_hold_the_run(reference_ws2,
+                                                                                                session_dir):
+    """A DataLoader worker that never answers (seen here: forked while another thread was
+    starting or ending, it deadlocked inside os.fork, CPython 3.11.7's gh-112275; also a worker
+    stuck in I/O) wedges its rank: the watchdog ends the rank for a restart. But the worker shares
+    the run directory's lock (forked children share the flock's open file description) and
+    outlived the rank: the restart's main rank found the run directory "in use by PID n" (n dead),
+    exit 2, the run over. Stopped workers stand in for wedged ones here. A rank that ends at once
+    now drops the lock for its children too, and kills them."""
+    run_dir = session_dir / "wedged_workers"
+    args = SMALL_RUN + ["--run-dir", str(run_dir), "--hang-timeout", "5", "--data-path", "loader", "--no-async-save"]
+    launch = Launch(args, session_dir / "wedged_workers.log", nproc=2, torchrun_flags=["--max-restarts=1"])
+    launch.wait_for(r"epoch 0 step 3 batch", timeout=180)
+    rank0 = _rank_zero(launch)
+    workers = [pid for pid in process_tree(rank0) if pid != rank0]
+    assert len(workers) == 2, workers  # --num-workers 2, no writer process (--no-async-save)
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        assert launch.wait(timeout=300) == 0, launch.output()[-3000:]
+        left = [pid for pid in workers if alive(pid)]  # the rank's doing, not the cleanup's
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert not left, "the wedged workers outlived their rank"
+    out = launch.output()
+    assert "rank 0 hangs: step" in out and "loading a batch" in out, out[-3000:]
+    assert "is in use by" not in out, out[-3000:]
+    assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference_ws2))
+
+
+def _rank_zero(launch: Launch) -> int:
+    """The PID of the launch's rank 0: the agent's child whose environment says RANK=0."""
+    for pid in process_tree(launch.proc.pid):
+        try:
+            parent = int(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[1])
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if parent == launch.proc.pid and b"RANK=0" in environ:
+            return pid
+    raise AssertionError("no rank 0 found")
 
 
 @pytest.mark.parametrize("flags, message", [

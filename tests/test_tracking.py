@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, Launch, launch_command, newest_checkpoint, process_tree, python_env, run
+from conftest import REPO, Launch, alive, launch_command, newest_checkpoint, process_tree, python_env, run
 from dist_train.cli import main as cli_main
 from dist_train.config import UserError, parse_config
 from dist_train.tracking import run_name
@@ -270,7 +270,7 @@ def test_a_stuck_wandb_service_is_given_up_after_the_timeout_and_the_training_en
         os.kill(pid, signal.SIGSTOP)
     try:
         assert launch.wait(timeout=300) == 0, launch.output()[-3000:]
-        left = [pid for pid in core if _alive(pid)]  # the run's, not the cleanup's, doing
+        left = [pid for pid in core if alive(pid)]  # the run's, not the cleanup's, doing
     finally:
         for pid in core:  # a run that hung leaves them stopped
             try:
@@ -285,14 +285,6 @@ def test_a_stuck_wandb_service_is_given_up_after_the_timeout_and_the_training_en
     assert len(warnings) == 1 and re.search(rf"wandb has not answered for \d+ s {when} \(--wandb-timeout 5\); its "
                                             rf"service process was stopped; {consequence}", warnings[0]), out[-3000:]
     assert newest_checkpoint(run_dir)["global_step"] == steps
-
-
-def _alive(pid: int) -> bool:
-    """Running or stopped; a zombie (killed, not yet reaped) or a reaped process is not."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 def test_a_wandb_service_that_does_not_start_in_time_costs_the_metrics_not_the_training(tmp_path):

@@ -1,0 +1,62 @@
+"""This process's children, and ending the process at once without leaving them behind.
+
+A rank forks children: its DataLoader workers, the checkpoint writer process, wandb-core. A
+forked child shares the rank's open file descriptions, the run directory's flock among them, and
+a child that never answers (a loader worker deadlocked inside os.fork itself, as CPython 3.11
+up to 3.11.7 can when another thread starts or ends at that instant, gh-112275; one stuck in
+I/O) outlives its rank: it would hold the run directory for ever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+_BEFORE_EXIT: list = []  # callbacks for end_now: what must not outlive the process (the lock)
+
+
+def children() -> list[tuple[int, bytes]]:
+    """(PID, command) of this process's children, from /proc (Linux; elsewhere none)."""
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+    found = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+            if parent != os.getpid():
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                found.append((pid, f.read().split(b"\0")[0]))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def kill(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def before_exit(callback) -> None:
+    """Have end_now call `callback()` first."""
+    _BEFORE_EXIT.append(callback)
+
+
+def end_now(code: int) -> None:
+    """os._exit(code) (no unwinding: the main thread may be blocked), after the callbacks (the run
+    directory's lock is dropped for the children too) and with every child killed."""
+    for callback in _BEFORE_EXIT:
+        try:
+            callback()
+        except Exception:
+            pass
+    kill(pid for pid, _ in children())
+    logging.shutdown()
+    os._exit(code)
