@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dist_train import data, distributed, exits, healing
 from dist_train.async_save import ThreadWriter, make_writer
 from dist_train.checkpoint import load_checkpoint
-from dist_train.saving import save_checkpoint
+from dist_train.saving import save_checkpoint, wait_for_pruning
 from dist_train.config import Config, config_differences, environment_differences, parse_config
 from dist_train.errors import RUN_ERRORS, GaveUp, SaveFailedError, UserError
 from dist_train.loop import build_scheduler, evaluate, train_steps
@@ -112,11 +112,25 @@ def train(config: Config, stop_flag: StopFlag) -> int:
     try:
         if is_main and config.async_save:  # before any thread, process group or CUDA context: it may fork
             writer = make_writer(distributed.device_type(config.device))
+        os.register_at_fork(before=lambda: settle_before_fork(writer))
         return train_in_run_dir(config, stop_flag, ckpt_dir, writer)
     finally:
         writer.close()  # the write in flight completes before the lock goes
         if lock is not None:
             lock.release()
+
+
+def settle_before_fork(writer) -> None:
+    """Before this process forks (a DataLoader starting its workers: at each evaluation, and each
+    epoch with --data-path loader), the short-lived threads of the last save end first. A thread
+    that starts or ends while another one forks can leave the child deadlocked inside os.fork
+    (CPython 3.11 up to 3.11.7, gh-112275; seen here once, at an evaluation right after an
+    epoch's save), and the epoch-end save's pruner and snapshot copier end just then. The
+    writer's own write is not waited for (CUDA's writer thread, the writer process)."""
+    wait_for_pruning()
+    settle = getattr(writer, "settle", None)  # the deferred snapshot copies of the writer process
+    if settle is not None:
+        settle()
 
 
 def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path, writer) -> int:

@@ -292,3 +292,26 @@ def test_a_save_does_not_read_back_the_files_it_keeps(tmp_path):
     save_checkpoint(checkpoint, tmp_path, keep=3)
     assert _bytes_read() - before < size // 2
     assert [p.name for p in list_checkpoints(tmp_path)] == [f"step_{s:09d}.pt" for s in (20, 15, 10)]
+
+
+def test_a_fork_waits_for_the_short_threads_of_the_last_save(tmp_path, monkeypatch):
+    """A thread that ends while the main thread forks can leave the child deadlocked inside
+    os.fork (CPython 3.11 up to 3.11.7, gh-112275: seen here once, a loader worker of the
+    evaluation that follows an epoch's save, just as that save's pruner ended). A fork, such as a
+    DataLoader starting its workers, first lets the pruner end (its unlinks slowed to 1 s here)."""
+    import time
+
+    from torch.utils.data import DataLoader
+
+    from dist_train import saving
+    from dist_train.train import settle_before_fork
+
+    unlink = saving._unlink_all
+    monkeypatch.setattr(saving, "_unlink_all", lambda paths: (time.sleep(1.0), unlink(paths)))
+    os.register_at_fork(before=lambda: settle_before_fork(None))  # as train() does, with its writer
+    for step in (1, 2):
+        save_checkpoint({"global_step": step}, tmp_path, keep=1)
+    assert saving._deleter.is_alive()
+    batches = iter(DataLoader(range(4), num_workers=1))  # forks its worker
+    assert not saving._deleter.is_alive()
+    assert [int(b) for b in batches] == [0, 1, 2, 3]
