@@ -55,6 +55,15 @@ def run(args: list[str], nproc: int = 1, timeout: float = 300, script: Path = TR
     return result
 
 
+def signal_all(pids, sig) -> None:
+    """Send `sig` to each of `pids` that still exists."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def alive(pid: int) -> bool:
     """Running or stopped; a zombie (dead, not yet reaped) or a reaped process is not."""
     try:
@@ -113,11 +122,7 @@ class Launch:
         them: stop the whole tree first (nothing runs on), then kill it."""
         tree = process_tree(self.proc.pid)
         for sig in (signal.SIGSTOP, signal.SIGKILL):
-            for pid in tree:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
+            signal_all(tree, sig)
             if sig == signal.SIGSTOP:
                 tree = process_tree(self.proc.pid)  # children forked while we stopped the tree
         self.proc.wait(timeout=30)

@@ -3,7 +3,6 @@ restarted in the job and finished bit for bit; failures counted so that a failin
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (REPO, SMALL_RUN, Launch, alive, assert_same_training_state, newest_checkpoint,
-                      process_tree)
+                      process_tree, signal_all)
 from dist_train import exits, healing
 from dist_train.errors import SaveFailedError, UserError
 from dist_train.watchdog import AGREEING, COMPUTING, LOADING, Beat, Seen, find_fault
@@ -115,14 +114,9 @@ def test_a_suspended_job_goes_on_without_a_fault(reference_ws2, session_dir):
                     nproc=2, env_extra={healing.FAULT_VARIABLE: "slow@0:300"})  # 24 steps of 300+ ms
     launch.wait_for(r"epoch 0 step 4 batch", timeout=180)
     tree = process_tree(launch.proc.pid)
-    for sig in (signal.SIGSTOP, signal.SIGCONT):
-        for pid in tree:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        if sig == signal.SIGSTOP:
-            time.sleep(15)  # 3 x --hang-timeout
+    signal_all(tree, signal.SIGSTOP)
+    time.sleep(15)  # 3 x --hang-timeout
+    signal_all(tree, signal.SIGCONT)
     assert launch.wait(timeout=240) == 0, launch.output()[-3000:]
     out = launch.output()
     assert "does not respond" not in out and " hangs" not in out, out[-3000:]
@@ -147,17 +141,12 @@ def test_a_rank_wedged_by_its_loader_workers_is_restarted_and_its_workers_do_not
     rank0 = _rank_zero(launch)
     workers = [pid for pid in process_tree(rank0) if pid != rank0]
     assert len(workers) == 2, workers  # --num-workers 2, no writer process (--no-async-save)
-    for pid in workers:
-        os.kill(pid, signal.SIGSTOP)
+    signal_all(workers, signal.SIGSTOP)
     try:
         assert launch.wait(timeout=300) == 0, launch.output()[-3000:]
         left = [pid for pid in workers if alive(pid)]  # the rank's doing, not the cleanup's
     finally:
-        for pid in workers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        signal_all(workers, signal.SIGKILL)
     assert not left, "the wedged workers outlived their rank"
     out = launch.output()
     assert "rank 0 hangs: step" in out and "loading a batch" in out, out[-3000:]

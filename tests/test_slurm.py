@@ -126,8 +126,10 @@ def test_sweep_array_usr1_requeues_and_resumes_bit_exactly(slurm, jobs_dir, time
 
 
 def test_chained_array_tasks_continue_one_training(slurm, jobs_dir, time_limit_job, reference_of_seed):
+    # Paced (40 ms after each step, the bits unchanged): unpaced, task 1 once trained all 192 steps
+    # in 7 s and ended before the USR1 sent 1 s after its "resuming from" reached it.
     job = submit(slurm, jobs_dir, ["--array=0-2%1", "--time=10", "--cpus-per-task=1", "--output=chain-%A.out"],
-                 "chain.sbatch", SLURM_RUN + ["--seed", "1"])
+                 "chain.sbatch", SLURM_RUN + ["--seed", "1"], extra_env="DIST_TRAIN_INJECT_FAULT=slow@0:40")
     out = jobs_dir / f"chain-{job}.out"
     wait_for_text(out, "step 3 batch")
     slurm.scancel("--signal=USR1", f"{job}_0")  # task 0 saves and ends; task 1 continues

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, Launch, alive, launch_command, newest_checkpoint, process_tree, python_env, run
+from conftest import (REPO, Launch, alive, launch_command, newest_checkpoint, process_tree, python_env, run,
+                      signal_all)
 from dist_train.cli import main as cli_main
 from dist_train.config import UserError, parse_config
 from dist_train.tracking import run_name
@@ -266,17 +267,12 @@ def test_a_stuck_wandb_service_is_given_up_after_the_timeout_and_the_training_en
     launch = Launch(args, tmp_path / "train.log", env_extra={"DIST_TRAIN_INJECT_FAULT": pace} if pace else None)
     launch.wait_for(r"wandb run \w+ \(offline mode\)")
     core = wandb_core_processes(launch)
-    for pid in core:
-        os.kill(pid, signal.SIGSTOP)
+    signal_all(core, signal.SIGSTOP)
     try:
         assert launch.wait(timeout=300) == 0, launch.output()[-3000:]
         left = [pid for pid in core if alive(pid)]  # the run's, not the cleanup's, doing
     finally:
-        for pid in core:  # a run that hung leaves them stopped
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        signal_all(core, signal.SIGKILL)  # a run that hung leaves them stopped
     assert not left, "the run left its stopped wandb-core behind"
     out = launch.output()
     assert f"training complete: 2 epochs, {steps} steps" in out
