@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dist_train.checkpoint import load_checkpoint
-from dist_train.distributed import DistEnv
+from dist_train.distributed import DistEnv, teardown
 from dist_train.loop import build_scheduler
 from dist_train.models import Net
 from dist_train.rng import capture_rng_state
@@ -19,8 +19,8 @@ from dist_train.state import Progress, Training, save_training_state
 def _rank_main(rank: int, tmp: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
+    env = DistEnv(rank, rank, 2, torch.device("cpu"))
     try:
-        env = DistEnv(rank, rank, 2, torch.device("cpu"))
         torch.manual_seed(100 + rank)  # distinct streams per rank
         model = Net()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -32,7 +32,7 @@ def _rank_main(rank: int, tmp: str, port: int) -> None:
                                    float(rank), {}, env)
         assert (path is not None) == (rank == 0)
     finally:
-        dist.destroy_process_group()
+        teardown(env)  # as the training ends
 
 
 def test_only_rank_zero_writes_and_every_rank_rng_is_gathered(tmp_path):
