@@ -67,14 +67,8 @@ def record_epoch_done(run_dir: Path, next_epoch: int) -> None:
 
 def _read(path: Path) -> dict:
     """The record, or {} where there is none or it is not one (a file anyone can edit)."""
-    if not os.path.lexists(path):
-        return {}
-    record = read_run_record(path)
-    counts = [record.get(key) for key in ("epoch", "failures")] if isinstance(record, dict) else [None]
-    if not all(type(n) is int and n >= 0 for n in counts):
-        log.warning("ignoring %s: not a record of failures", path)
-        return {}
-    return record
+    return read_run_record(path, lambda record: all(type(record.get(key)) is int and record[key] >= 0
+                                                    for key in ("epoch", "failures")), "failures")
 
 
 def _write(path: Path, record: dict) -> None:

@@ -106,7 +106,7 @@ _OUR_CONFIG_KEYS = frozenset({"model", "dataset", "batch_size", "epochs", "run_d
 _RECORD_LIMIT = 1 << 20  # a run's records are a few hundred bytes
 
 
-def read_run_record(path: Path):
+def _load_record(path: Path):
     """The JSON value of a record of the run directory (config.json, wandb.json, failures.json),
     or None where there is none or it cannot be one: not a regular file (a FIFO would block the
     start, a link to /dev/zero fill the memory), over 1 MB, or not JSON."""
@@ -120,13 +120,25 @@ def read_run_record(path: Path):
         return None
 
 
+def read_run_record(path: Path, is_record, what: str) -> dict:
+    """RUN_DIR/wandb.json or failures.json, files anyone can edit: {} where there is none, and
+    {} with a warning where what is there is not a record of `what` (is_record(value) is false)."""
+    if not os.path.lexists(path):
+        return {}
+    record = _load_record(path)
+    if not (isinstance(record, dict) and is_record(record)):
+        log.warning("ignoring %s: not a record of %s", path, what)
+        return {}
+    return record
+
+
 def check_config_file(run_dir) -> None:
     """RUN_DIR/config.json, where there is one, must be a run's: a run directory may be a project
     or model directory too (`--run-dir .`), whose config.json a run would replace."""
     path = Path(run_dir) / "config.json"
     if not os.path.lexists(path):
         return
-    record = read_run_record(path)
+    record = _load_record(path)
     if not (isinstance(record, dict) and _OUR_CONFIG_KEYS <= record.keys()):
         raise UserError(f"{path} is not a dist_train configuration (another program's file?) and a run "
                         "would replace it: use another --run-dir, or move the file away")

@@ -295,16 +295,10 @@ def _write_error(line: str) -> str | None:
 def read_wandb_record(path: Path) -> dict:
     """RUN_DIR/wandb.json, or {} where there is none or it is not one (a file anyone can edit):
     then the checkpoint's run id, or a new one, is used."""
-    if not os.path.lexists(path):
-        return {}
-    record = read_run_record(path)
-    ok = (isinstance(record, dict) and isinstance(record.get("run_id"), str)
-          and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", record["run_id"]) and isinstance(record.get("logged"), dict)
-          and all(isinstance(k, str) and type(v) is int for k, v in record["logged"].items()))
-    if not ok:
-        log.warning("ignoring %s: not a record of a wandb run", path)
-        return {}
-    return record
+    return read_run_record(path, lambda record: (
+        isinstance(record.get("run_id"), str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", record["run_id"])
+        and isinstance(record.get("logged"), dict)
+        and all(isinstance(k, str) and type(v) is int for k, v in record["logged"].items())), "a wandb run")
 
 
 def _flush_often(wandb):
