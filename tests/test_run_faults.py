@@ -121,8 +121,8 @@ def test_a_run_directory_that_vanishes_mid_run_stops_the_run(tmp_path):
     while run_dir.exists():
         shutil.rmtree(run_dir, ignore_errors=True)
     assert launch.wait(timeout=120) == exits.SAVE_FAILED, launch.output()[-3000:]
-    (line,) = error_lines(launch.output())
-    assert "could not save checkpoint" in line and "No such file or directory" in line
+    (line,) = error_lines(launch.output())  # the checkpoint, or failures.json when an epoch ended just then
+    assert "could not" in line and str(run_dir) in line and "No such file or directory" in line, line
 
 
 def test_ctrl_c_saves_and_stops_then_the_resume_is_exact(reference_ws1, tmp_path):
