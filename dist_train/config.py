@@ -317,6 +317,7 @@ def uses_wandb(config: Config) -> bool:
 
 MIN_HANG_TIMEOUT = 5.0  # seconds; the heartbeat alone comes every 0.2-5 s (watchdog.py)
 MIN_WANDB_TIMEOUT = 5.0
+MAX_NUM_WORKERS = 64  # per rank: a node's cores, times a few; 1000 is a typo that forks 1000 processes
 
 
 def check_fake_size(fake_size: int, environ) -> None:
@@ -350,6 +351,9 @@ def validate(config: Config, environ=os.environ) -> None:
     if 0 < config.wandb_timeout < MIN_WANDB_TIMEOUT:  # finishing an offline run alone takes 1-3 s here
         raise UserError(f"--wandb-timeout must be 0 (wait for ever) or at least {MIN_WANDB_TIMEOUT:.0f} seconds, "
                         f"got {config.wandb_timeout}")
+    if config.num_workers > MAX_NUM_WORKERS:  # each a forked copy of the rank, at every evaluation
+        raise UserError(f"--num-workers must be at most {MAX_NUM_WORKERS} (loader processes per rank), "
+                        f"got {config.num_workers}")
     if not 0 <= config.seed <= MAX_SEED:  # torch keeps a seed's low 32 bits on the CPU: no aliases
         raise UserError(f"--seed must be an integer from 0 to {MAX_SEED}, got {config.seed}")
     from dist_train.models import check_model_name

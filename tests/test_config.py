@@ -157,6 +157,15 @@ def test_a_wandb_timeout_too_short_to_finish_a_run_is_refused(seconds):
     assert parse_config([]).wandb_timeout == 120
 
 
+@pytest.mark.parametrize("workers", ["65", "100000"])
+def test_a_loader_worker_count_no_node_has_cores_for_is_refused(workers):
+    """Each worker is a forked copy of its rank, made at every evaluation: --num-workers 100000
+    (a typo) would fork until the node ran out of processes or memory, after the epoch's save."""
+    with pytest.raises(UserError, match=r"^--num-workers must be at most 64 \(loader processes per rank\), got"):
+        parse_config(["--num-workers", workers])
+    assert parse_config(["--num-workers", "64"]).num_workers == 64
+
+
 @pytest.mark.parametrize("seed", ["-1", "4294967296", "99999999999999999999"])
 def test_a_seed_torch_would_alias_or_overflow_on_is_refused(seed):
     """torch's CPU generator keeps a seed's low 32 bits (0, 2**32 and 2**63 give the same initial
