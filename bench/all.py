@@ -40,7 +40,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         runs = [("throughput", [REPO / "bench" / "throughput.py", "--resnet18", *quick]),
                 ("saves", [REPO / "bench" / "saves.py", "--model", "resnet18", "resnet50",
-                           *(["--rounds", "1"] if args.quick else [])])]
+                           *(["--rounds", "1", "--resume-rounds", "1"] if args.quick else [])])]
         results = []
         for name, command in runs:
             out = Path(tmp) / f"{name}.json"

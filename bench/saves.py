@@ -123,7 +123,7 @@ def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
     # the control's step at the same place, plus the wait at the end. Medians per step: on this
     # shared host a step now and then takes twice as long for reasons of its own (one such step
     # is 0.5 dd), which made the median of whole stretches swing by 0.1 dd from run to run.
-    sync, timed = [], {name: {"submit": [], "steps": [], "wait": []} for name in [*writers, None]}
+    sync, dds, timed = [], [], {name: {"submit": [], "steps": [], "wait": []} for name in [*writers, None]}
     for i in range(rounds):
         n += 1
         start = time.perf_counter()
@@ -131,6 +131,7 @@ def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
         sync.append(time.perf_counter() - start)
         wait_for_pruning()  # the unlink of the pruned file, in the background, before dd starts
         dd = dd_fsync(work / "dd", size)
+        dds.append(dd)
         sync[-1] /= dd
         names = [*writers, None]
         for name in names[i % len(names):] + names[:i % len(names)]:
@@ -152,29 +153,30 @@ def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
     for writer in writers.values():
         writer.close()
     print(f"\n{model_name} + momentum checkpoint, {size / 1e6:.1f} MB, {rounds} interleaved rounds; "
-          f"dd+fsync {dd:.3f} s in the last round")
+          f"dd+fsync {statistics.median(dds):.3f} s ({min(dds):.3f}-{max(dds):.3f})")
     what = f"{model_name} + momentum ({size / 1e6:.0f} MB)"
     print(f"  (c) sync save (write, fsync, rename, latest, prune) / dd+fsync: "
           f"{record('c', f'{what}: sync save / dd+fsync', sync, '<= 1.1')}")
     kind = "process" if "thread" in writers else "thread"
-    rounds_lost, lost = lost_per_save(timed["template"], timed[None])
+    rounds_lost, lost, parts = lost_per_save(timed["template"], timed[None])
     figure = record("d", f"{what}: loop time lost per async save / dd+fsync", rounds_lost, "<= 0.2", lost)
     print(f"  (d) loop time lost per async save ({kind} writer; {steps} steps after it, {step_time * 1e3:.1f} ms "
-          f"each) / dd+fsync: {figure}")
+          f"each) / dd+fsync: {figure}\n      of which {parts}")
     if "thread" in writers:
-        rounds_lost, lost = lost_per_save(timed["thread"], timed[None])
+        rounds_lost, lost, parts = lost_per_save(timed["thread"], timed[None])
         figure = record("d", f"{what}: the same with a thread writer (for comparison)", rounds_lost, center=lost)
-        print(f"      the same with a thread writer, in the same rounds: {figure}")
+        print(f"      the same with a thread writer, in the same rounds: {figure}\n      of which {parts}")
 
 
-def lost_per_save(timed: dict, control: dict) -> tuple[list[float], float]:
-    """Each round's loss (submit + the steps' excess over the control's + the wait), and the
-    figure: the median submit, plus each step's median excess, plus the median wait."""
+def lost_per_save(timed: dict, control: dict) -> tuple[list[float], float, str]:
+    """Each round's loss (submit + the steps' excess over the control's + the wait), the figure
+    (the median submit, plus each step's median excess, plus the median wait), and its parts."""
     excess = [[t - c for t, c in zip(steps, control_steps)] for steps, control_steps in zip(timed["steps"], control["steps"])]
     rounds = [s + sum(e) + w for s, e, w in zip(timed["submit"], excess, timed["wait"])]
-    figure = (statistics.median(timed["submit"]) + sum(statistics.median(t) - statistics.median(c) for t, c in
-              zip(zip(*timed["steps"]), zip(*control["steps"]))) + statistics.median(timed["wait"]))
-    return rounds, figure
+    parts = [statistics.median(timed["submit"]),
+             *(statistics.median(t) - statistics.median(c) for t, c in zip(zip(*timed["steps"]), zip(*control["steps"]))),
+             statistics.median(timed["wait"])]
+    return rounds, sum(parts), "submit " + " + steps ".join(f"{part:.3f}" for part in parts[:-1]) + f" + wait {parts[-1]:.3f}"
 
 
 def first_step_wall(args: list[str]) -> float:
@@ -245,7 +247,10 @@ def bench_agreement() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", nargs="+", default=["resnet18"], help="(c), (d) for each; (e) for the first")
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=30,
+                        help="rounds of (c), (d): a round of resnet18 takes ~2 s, of resnet50 ~4 s, and (d) is"
+                             " a difference of timings, one step's noise (~20%%) against a save's few ms")
+    parser.add_argument("--resume-rounds", type=int, default=9, help="rounds of (e): two whole processes each")
     parser.add_argument("--steps", type=int, default=2,
                         help="training steps around each async save, at least (more if the write lasts longer);"
                              " (d) is a difference of two timings, and its noise grows with their length")
@@ -258,7 +263,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             bench_saves(Path(tmp), model, args.rounds, args.steps)
     with tempfile.TemporaryDirectory() as tmp:
-        bench_resume(Path(tmp), args.model[0], args.rounds)
+        bench_resume(Path(tmp), args.model[0], args.resume_rounds)
     bench_reads()
     bench_agreement()
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")

@@ -202,7 +202,8 @@ def main() -> None:
     parser.add_argument("--loader-images", type=int, default=2048, help="images per loader pass")
     parser.add_argument("--loader-rounds", type=int, default=5, help="interleaved rounds of the loaders")
     parser.add_argument("--resnet18", action="store_true", help="also resnet18 whole-process runs")
-    parser.add_argument("--resnet18-images", type=int, default=1024, help="training images of those")
+    parser.add_argument("--resnet18-images", type=int, default=4096,
+                        help="training images of those (1,024 made the start-up ~a quarter of the wall)")
     parser.add_argument("--skip-processes", action="store_true", help="only the loaders")
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
