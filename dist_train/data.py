@@ -9,12 +9,15 @@ Loading a batch never touches a global RNG.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from dist_train import processes
 from dist_train.augment import CropFlipNormalize, Normalize
 from dist_train.config import Config, UserError
 from dist_train.distributed import DistEnv, barrier
@@ -202,20 +205,28 @@ def build_train_loader(dataset: SeededAugmentation, config: Config, env: DistEnv
         return DeviceBatches(dataset, sampler, config.batch_size, env.device)
     return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
                       num_workers=config.num_workers, pin_memory=env.device.type == "cuda",
-                      worker_init_fn=ignore_signals_in_worker, generator=_loader_generator(config.seed))
+                      worker_init_fn=_worker_init(), generator=_loader_generator(config.seed))
 
 
 def build_eval_loader(dataset: Dataset, config: Config, env: DistEnv) -> DataLoader:
     """Each rank takes every world_size-th test sample: no padding, so sums over ranks are exact."""
     shard = torch.utils.data.Subset(dataset, range(env.rank, len(dataset), env.world_size))
     return DataLoader(shard, batch_size=config.batch_size, num_workers=config.num_workers,
-                      pin_memory=env.device.type == "cuda", worker_init_fn=ignore_signals_in_worker,
+                      pin_memory=env.device.type == "cuda", worker_init_fn=_worker_init(),
                       generator=_loader_generator(config.seed))
 
 
-def ignore_signals_in_worker(_worker_id: int) -> None:
-    """DataLoader workers ignore SIGUSR1/SIGTERM/SIGHUP/SIGINT: the rank's main process alone acts on them."""
+def _worker_init():
+    """The worker_init_fn of this rank's loaders (made here, in the rank: its PID is the parent's)."""
+    return functools.partial(init_loader_worker, os.getpid())
+
+
+def init_loader_worker(rank_pid: int, _worker_id: int) -> None:
+    """A DataLoader worker dies with its rank and drops its copy of the run directory's lock (a
+    worker left behind by a SIGKILLed rank held the run directory: the relaunch exited 2, "in use
+    by PID n"), and ignores SIGUSR1/SIGTERM/SIGHUP/SIGINT: the rank's main process alone acts on them."""
     import signal
 
+    processes.die_with_parent(rank_pid)
     for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # Ctrl-C, a hang-up: the whole group
         signal.signal(signum, signal.SIG_IGN)

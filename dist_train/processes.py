@@ -9,11 +9,36 @@ I/O) outlives its rank: it would hold the run directory for ever.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
+import sys
 
 _BEFORE_EXIT: list = []  # callbacks for end_now: what must not outlive the process (the lock)
+_PARENT_ONLY: set[int] = set()  # descriptors a forked child closes at once (the lock's)
+
+
+def parent_only(fd: int, held: bool = True) -> None:
+    """Have children that call die_with_parent close `fd` (held=False: no longer)."""
+    (_PARENT_ONLY.add if held else _PARENT_ONLY.discard)(fd)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a child forked by `parent_pid`: close the parent's own descriptors (the run directory's
+    lock: closing a copy leaves the parent's flock as it is), and have the kernel SIGKILL this
+    process when the parent dies (PR_SET_PDEATHSIG, Linux; it follows the thread that forked,
+    here always the main thread). A child whose parent died before that exits at once."""
+    for fd in _PARENT_ONLY:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _PARENT_ONLY.clear()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        os._exit(0)
 
 
 def children() -> list[tuple[int, bytes]]:

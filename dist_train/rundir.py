@@ -48,12 +48,14 @@ class RunDirLock:
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         processes.before_exit(self.release)
+        processes.parent_only(self._fd)  # loader workers close their copy as they start
 
     def release(self) -> None:
         """Unlock, then close: forked children (loader workers) share the lock, and closing this
         descriptor alone would leave it held by any of them still alive."""
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+            processes.parent_only(self._fd, held=False)
             os.close(self._fd)
             self._fd = None
 

@@ -17,7 +17,6 @@ finishing behind a relaunch. It ignores the signals the run handles (SIGTERM, SI
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import signal
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from dist_train import processes
 from dist_train.checkpoint import map_leaves, tensors
 from dist_train.saving import known_verdicts, learn_verdicts, wait_for_pruning, write_checkpoint
 
@@ -159,7 +159,7 @@ def _serve(conn: Connection, region_fd: int, parent_pid: int) -> None:
     try:
         for signum in _IGNORED:
             signal.signal(signum, signal.SIG_IGN)
-        _die_with_parent(parent_pid)
+        processes.die_with_parent(parent_pid)
         _close_inherited_files(keep={0, 1, 2, conn.fileno(), region_fd})
         torch.set_num_threads(1)  # as a DataLoader worker: no OpenMP pool after a fork
         conn.send("ready")
@@ -191,14 +191,6 @@ def _serve(conn: Connection, region_fd: int, parent_pid: int) -> None:
             pass
     finally:
         os._exit(status)  # never the parent's atexit handlers, finalisers or buffered output
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """SIGKILL this process when the parent dies: no write completes behind a relaunch."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:  # the parent died before prctl
-        os._exit(0)
 
 
 def _close_inherited_files(keep: set[int]) -> None:

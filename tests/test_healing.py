@@ -3,6 +3,7 @@ restarted in the job and finished bit for bit; failures counted so that a failin
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (REPO, SMALL_RUN, Launch, alive, assert_same_training_state, newest_checkpoint,
-                      process_tree, signal_all)
+                      process_tree, run, signal_all)
 from dist_train import exits, healing
 from dist_train.errors import SaveFailedError, UserError
 from dist_train.watchdog import AGREEING, COMPUTING, LOADING, Beat, Seen, find_fault
@@ -152,6 +153,48 @@ def test_a_rank_wedged_by_its_loader_workers_is_restarted_and_its_workers_do_not
     assert "rank 0 hangs: step" in out and "loading a batch" in out, out[-3000:]
     assert "is in use by" not in out, out[-3000:]
     assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference_ws2))
+
+
+def test_a_killed_rank_takes_its_loader_workers_with_it_and_leaves_the_run_directory_free(reference_ws1,
+                                                                                         session_dir):
+    """A rank SIGKILLed (the OOM killer, a kill -9; nothing of the rank runs) left its loader
+    workers behind, holding the run directory's lock (forked children share the flock): a stuck or
+    stopped one for ever, an idle one until DataLoader's own parent check (every 5 s). The relaunch
+    found the run directory "in use by PID n", n dead, and exited 2. Workers now die with their
+    rank (PR_SET_PDEATHSIG) and drop their copy of the lock as they start."""
+    run_dir = session_dir / "killed_with_workers"
+    args = SMALL_RUN + ["--run-dir", str(run_dir), "--data-path", "loader", "--no-async-save"]
+    launch = Launch(args, session_dir / "killed_with_workers.log")
+    launch.wait_for(r"epoch 0 step 7 batch", timeout=180)
+    workers = [pid for pid in process_tree(launch.proc.pid) if pid != launch.proc.pid]
+    assert len(workers) == 2, workers  # --num-workers 2, no writer process (--no-async-save)
+    signal_all(workers, signal.SIGSTOP)
+    try:
+        # A worker that cannot take a signal (in uninterruptible I/O) must not hold the lock either.
+        holders = [pid for pid in [launch.proc.pid, *workers] if str(run_dir / ".lock") in _open_files(pid)]
+        assert holders == [launch.proc.pid], holders
+        launch.proc.kill()
+        launch.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [pid for pid in workers if alive(pid)]
+        relaunch = run(args, timeout=300, check=False)
+    finally:
+        signal_all(workers, signal.SIGKILL)
+    assert not left, "the workers outlived their rank"
+    assert relaunch.returncode == 0 and "is in use by" not in relaunch.stdout, relaunch.stdout[-3000:]
+    assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference_ws1))
+
+
+def _open_files(pid: int) -> list[str]:
+    files = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            files.append(os.readlink(fd))
+        except OSError:  # closed meanwhile
+            pass
+    return files
 
 
 def _rank_zero(launch: Launch) -> int:
