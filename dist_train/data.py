@@ -227,6 +227,7 @@ def init_loader_worker(rank_pid: int, _worker_id: int) -> None:
     by PID n"), and ignores SIGUSR1/SIGTERM/SIGHUP/SIGINT: the rank's main process alone acts on them."""
     import signal
 
-    processes.die_with_parent(rank_pid)
+    if os.getppid() == rank_pid:  # forked by the rank; a spawned or forkserver child inherits no lock
+        processes.die_with_parent(rank_pid)
     for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # Ctrl-C, a hang-up: the whole group
         signal.signal(signum, signal.SIG_IGN)

@@ -195,3 +195,19 @@ def test_fake_data_is_torchvisions_fakedata_to_the_bit():
         ours, (images, targets) = fake_data(20, random_offset=offset), stack_images(FakeData(20, (3, 32, 32), 10,
                                                                                          random_offset=offset))
         assert torch.equal(ours.images, images) and torch.equal(ours.targets, targets)
+
+
+@pytest.mark.parametrize("context", ["fork", "forkserver"])
+def test_loader_workers_start_under_fork_and_forkserver(context):
+    """A worker forked by the rank dies with it (PR_SET_PDEATHSIG) and closes its copy of the lock;
+    under forkserver (Python 3.14's default on Linux) its parent is the server, not the rank, and
+    the parent check made every worker exit at once ("DataLoader worker exited unexpectedly")."""
+    import functools
+    import os
+
+    from dist_train.data import init_loader_worker
+
+    dataset = torch.utils.data.TensorDataset(torch.arange(64.0))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2, multiprocessing_context=context,
+                                         worker_init_fn=functools.partial(init_loader_worker, os.getpid()))
+    assert sum(batch.sum().item() for (batch,) in loader) == sum(range(64))
