@@ -9,12 +9,10 @@ inherits the handler, so it acts only in the process that installed it.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -163,12 +161,8 @@ def die_with_launcher(environ=os.environ) -> None:
     dying at any instant safe. Only under torchrun: under srun or a shell the parent is not a
     launcher whose death means the run is over. Linux only; elsewhere StopAgreement's parent check
     stops the rank at the next agreement."""
-    if not launched_by_torchrun(environ) or not sys.platform.startswith("linux"):
-        return
-    PR_SET_PDEATHSIG = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        return  # the parent check at the stop agreement remains
+    if not launched_by_torchrun(environ) or not processes.kill_on_parent_death():
+        return  # elsewhere the parent check at the stop agreement remains
     if os.getppid() == 1:  # the agent died before the prctl took effect
         os._exit(exits.TERMINATED)
 

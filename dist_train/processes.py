@@ -35,10 +35,17 @@ def die_with_parent(parent_pid: int) -> None:
         except OSError:
             pass
     _PARENT_ONLY.clear()
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    kill_on_parent_death()
     if os.getppid() != parent_pid:
         os._exit(0)
+
+
+def kill_on_parent_death() -> bool:
+    """Have the kernel SIGKILL this process when the thread that forked it ends (PR_SET_PDEATHSIG,
+    Linux); False where that could not be armed. The parent may have died already: check after."""
+    if not sys.platform.startswith("linux"):
+        return False
+    return ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) == 0
 
 
 def children() -> list[tuple[int, bytes]]:
