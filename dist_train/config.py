@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 import shlex
 import stat
 import sys
@@ -152,6 +153,7 @@ def parse_config(argv: list[str] | None = None, environ=os.environ) -> Config:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_slurm_ids(environ)
     files = config_file_flags(parser, args.config) if args.config else []
     if files:
         args = parser.parse_args(files + argv)  # later flags win: the command line's
@@ -285,6 +287,20 @@ def environment_differences(saved: dict, now: dict) -> list[str]:
     """'what: saved -> now' for each recorded part of the environment that changed."""
     return [f"{ENVIRONMENT_NAMES.get(key, key)}: {saved[key]!r} -> {now.get(key)!r}"
             for key in ENVIRONMENT_NAMES if key in saved and saved[key] != now.get(key)]
+
+
+SLURM_IDS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
+
+
+def check_slurm_ids(environ) -> None:
+    """SLURM sets its job and task ids as whole numbers. They name the default run directory and
+    the job given to `scontrol requeue`: '../x' would put the run outside runs/, '12,13' would
+    requeue job 13 as well. So anything else is refused, whether or not --run-dir is given."""
+    for name in SLURM_IDS:
+        value = environ.get(name)
+        if value and not re.fullmatch(r"[0-9]+", value):
+            raise UserError(f"{name}={value!r} in the environment is not a SLURM id (a whole number): it names "
+                            "the run directory and the job to requeue; unset it outside a SLURM job")
 
 
 def default_run_dir(environ) -> str:

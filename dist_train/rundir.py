@@ -70,6 +70,8 @@ def prepare_run_dir(config, is_main: bool) -> tuple[Path, RunDirLock | None]:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunDirLock(run_dir)
+    except FileExistsError:  # something that is not a directory has the name
+        raise UserError(f"run directory {run_dir} exists and is not a directory") from None
     except OSError as error:
         raise UserError(f"run directory {run_dir} is not writable: {error.strerror}") from None
     try:

@@ -167,6 +167,7 @@ BAD_INPUTS = {
     "fp16 without CUDA": (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs CUDA"),
     "unknown config key": (["--config", "{tmp}/bad.toml"], "unknown keys colour"),
     "unwritable run dir": (["--run-dir", "{tmp}/a-file/run"], "is not writable: Not a directory"),
+    "run dir is a file": (["--run-dir", "{tmp}/a-file"], "a-file exists and is not a directory"),
     "not a checkpoint": (["--resume", "{tmp}/a-file"], "not a loadable checkpoint"),
     "newer format": (["--resume", "{tmp}/newer.pt"], "format version 99 is newer"),
     "another architecture": (["--model", "resnet18", "--allow-config-change"],

@@ -175,6 +175,22 @@ def test_a_seed_torch_would_alias_or_overflow_on_is_refused(seed):
     assert parse_config(["--seed", "4294967295"]).seed == 4294967295
 
 
+@pytest.mark.parametrize("environ", [{"SLURM_JOB_ID": "../../etc"}, {"SLURM_JOB_ID": "12,13"},
+                                     {"SLURM_JOB_ID": "7", "SLURM_ARRAY_JOB_ID": "5", "SLURM_ARRAY_TASK_ID": "a/b"},
+                                     {"SLURM_ARRAY_JOB_ID": "--help", "SLURM_ARRAY_TASK_ID": "0"},
+                                     {"SLURM_JOB_ID": "\u0663"}])  # a digit to str.isdigit, not to SLURM
+def test_a_slurm_job_id_that_is_not_a_number_is_refused(environ):
+    """SLURM's job and task ids name the default run directory (runs/JOB) and the job that
+    `scontrol requeue` is given: '../../etc' put the run outside runs/, '12,13' would requeue
+    job 13 too. SLURM sets them as whole numbers; anything else is refused, --run-dir or not."""
+    bad = next(name for name, value in environ.items() if not value.isascii() or not value.isdigit())
+    for flags in ([], ["--run-dir", "runs/mine"]):
+        with pytest.raises(UserError, match=rf"^{bad}=.* in the environment is not a SLURM id"):
+            parse_config(flags, environ)
+    assert parse_config([], {"SLURM_ARRAY_JOB_ID": "5", "SLURM_ARRAY_TASK_ID": "12"}).run_dir == "runs/5_12"
+    assert parse_config([], {"SLURM_JOB_ID": "123", "SLURM_ARRAY_TASK_ID": ""}).run_dir == "runs/123"
+
+
 @pytest.mark.parametrize("extra", [["--lr", "nan"], ["--resume", "missing.pt"], ["--config", "missing.toml"]])
 def test_nothing_is_created_before_the_configuration_is_known_to_be_good(tmp_path, extra, capsys):
     run_dir = tmp_path / "run"
