@@ -203,17 +203,55 @@ def read_config_file(path: str) -> dict:
                 import tomli as tomllib
             values = tomllib.loads(text)
         else:
-            import yaml
-
-            values = yaml.safe_load(text) or {}
+            values = _load_yaml(text)
+    except _GivenTwice as twice:
+        raise UserError(f"config file {path}: {twice.args[0]} is given twice") from None
     except Exception as error:
         raise UserError(f"config file {path} does not parse: {str(error).splitlines()[0]}") from None
-    values = {key.replace("-", "_"): value for key, value in values.items()}
+    if values is None:  # an empty YAML file
+        values = {}
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must map flag names to values, not a {type(values).__name__}")
+    named = {}
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise UserError(f"config file {path}: a key must be a flag name, got {key!r}")
+        name = key.replace("-", "_")
+        if name in named:  # batch-size and batch_size: the same flag
+            raise UserError(f"config file {path}: {name} is given twice")
+        named[name] = value
+    values = named
     known = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserError(f"config file {path}: unknown keys {', '.join(unknown)}")
     return values
+
+
+class _GivenTwice(Exception):
+    pass
+
+
+def _load_yaml(text: str):
+    """yaml.safe_load, but a key given twice in one mapping is an error (YAML keeps the last)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<': merged keys may be overridden
+                continue
+            key = loader.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise _GivenTwice(key)
+            seen.add(key if isinstance(key, str) else id(key_node))
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=Loader)
 
 
 def read_text_file(path: str, what: str) -> str:

@@ -47,6 +47,15 @@ def write(tmp_path, name: str, text: str) -> str:
     ("c.toml", 'eval = "no"', "eval must be true or false"),
     ("c.yaml", "batch_size: [16, 32]", "batch_size must be a single value, not a list"),
     ("c.yaml", "amp: off", "quote words like off"),
+    # Whatever the file holds, one line: a list, a scalar or a number as a key was a traceback
+    ("c.yaml", "- lr\n- 0.1\n", "must map flag names to values, not a list"),
+    ("c.yaml", "lr 0.1\n", "must map flag names to values, not a str"),
+    ("c.yaml", "1: 2\n", "a key must be a flag name, got 1"),
+    # A key given twice: YAML kept the last one silently, and so did both formats for the two
+    # spellings of one flag (batch-size and batch_size)
+    ("c.yaml", "lr: 0.1\nepochs: 3\nlr: 0.2\n", "lr is given twice"),
+    ("c.yaml", "batch-size: 8\nbatch_size: 16\n", "batch_size is given twice"),
+    ("c.toml", "batch-size = 8\nbatch_size = 16\n", "batch_size is given twice"),
 ])
 def test_config_file_values_meet_the_same_checks_as_flags(tmp_path, name, text, message):
     with pytest.raises(UserError) as error:
