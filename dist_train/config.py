@@ -103,10 +103,10 @@ class OneLineErrorParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None, add_help: bool = True) -> argparse.ArgumentParser:
     """An argparse parser generated from the Config fields, one flag per field."""
     parser = OneLineErrorParser(
-        prog=prog,
+        prog=prog, add_help=add_help,
         description="Train with DDP; relaunching the same command resumes bit-exactly.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -160,8 +160,8 @@ def parse_config(argv: list[str] | None = None, environ=os.environ) -> Config:
     if args.sweep_file:
         line = sweep_overrides(args.sweep_file, environ)
         where = f"sweep file {args.sweep_file}, line of array task {environ['SLURM_ARRAY_TASK_ID']}"
-        try:
-            line_args = parser.parse_args(line)
+        try:  # without -h/--help: the help and exit 0 would end an array task as COMPLETED
+            line_args = build_parser(add_help=False).parse_args(line)
         except UserError as error:
             raise UserError(f"{where}: {error}") from None
         if line_args.sweep_file:
@@ -359,7 +359,10 @@ def sweep_overrides(path: str, environ) -> list[str]:
     task = environment_int(environ, "SLURM_ARRAY_TASK_ID")
     if task >= len(lines):
         raise UserError(f"sweep file {path} has {len(lines)} configurations, array task {task} has none")
-    return shlex.split(lines[task])
+    try:
+        return shlex.split(lines[task])
+    except ValueError as error:  # an unclosed quote
+        raise UserError(f"sweep file {path}, line of array task {task}: {error}") from None
 
 
 MAX_SEED = (1 << 32) - 1

@@ -119,6 +119,17 @@ def test_a_sweep_line_may_name_a_config_file_and_nothing_is_silently_dropped(tmp
         assert str(caught.value) == f"sweep file {sweep}, line of array task {index}: {message}"
 
 
+def test_a_sweep_line_that_asks_for_help_or_does_not_split_is_an_error_not_a_finished_task(tmp_path):
+    """`--help` on a sweep line printed the help and exited 0: the array task ended COMPLETED
+    without training. An unclosed quote was a traceback (exit 1)."""
+    sweep = write(tmp_path, "sweep.txt", "--help\n-h\n--he\n--lr 'unclosed\n")
+    for index, message in (("0", "unrecognized arguments: --help"), ("1", "unrecognized arguments: -h"),
+                           ("2", "unrecognized arguments: --he"), ("3", "No closing quotation")):
+        with pytest.raises(UserError) as caught:
+            parse_config(["--sweep-file", sweep], {"SLURM_ARRAY_TASK_ID": index})
+        assert str(caught.value) == f"sweep file {sweep}, line of array task {index}: {message}"
+
+
 def test_a_fake_dataset_larger_than_the_memory_is_refused_before_it_is_generated():
     """--fake-size images are generated at start-up and held in memory (3,072 bytes each, plus a
     quarter for the test split): 10**8 was an allocator traceback, 10**7 a slow march to the OOM killer."""
