@@ -195,11 +195,16 @@ def find_latest_valid(ckpt_dir: Path, map_location="cpu") -> tuple[Path, dict] |
     return None
 
 
+def checkpoint_dir(path: Path) -> Path:
+    """The checkpoints of a run directory, or of the checkpoints directory itself."""
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
 def resolve_checkpoint(target: str, map_location="cpu") -> tuple[Path, dict]:
     """A checkpoint file, or for a run directory the checkpoint a resume would take."""
     path = Path(target)
     if path.is_dir():
-        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        ckpt_dir = checkpoint_dir(path)
         found = find_latest_valid(ckpt_dir, map_location)
         if found is None:
             raise UserError(f"{target}: no checkpoint in {ckpt_dir}")

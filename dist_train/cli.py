@@ -107,9 +107,9 @@ def export_command(args) -> int:
 
 
 def list_command(args) -> int:
-    from dist_train.checkpoint import list_checkpoints, load_checkpoint, read_latest_marker
+    from dist_train.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, read_latest_marker
 
-    ckpt_dir = Path(args.run_dir) / "checkpoints"
+    ckpt_dir = checkpoint_dir(Path(args.run_dir))
     paths = list_checkpoints(ckpt_dir)
     if not paths:
         raise UserError(f"{args.run_dir}: no checkpoints in {ckpt_dir}")

@@ -47,6 +47,8 @@ def test_list_shows_newest_first_and_the_resume_choice(reference_ws1, tmp_path, 
         "step_000000048.pt", "step_000000045.pt", "step_000000040.pt"]
     assert "BROKEN" in lines[0] and "<- latest" in lines[0]
     assert lines[1].endswith("<- resume")
+    # the checkpoints directory itself, as inspect takes it
+    assert run_cli(["list", str(run_dir / "checkpoints")], capsys)[1] == out
 
 
 @pytest.mark.parametrize("suffix,dtype", [(".safetensors", "bfloat16"), (".pt", None)])
