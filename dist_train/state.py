@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from dist_train.checkpoint import CheckpointError, FORMAT_VERSION, find_latest_valid, load_checkpoint, map_leaves
+from dist_train.checkpoint import (CheckpointError, FORMAT_VERSION, find_latest_valid, list_checkpoints,
+                                   load_checkpoint, map_leaves)
 from dist_train.saving import write_checkpoint
 from dist_train.errors import DivergedError, SaveFailedError, UserError
 from dist_train.distributed import DistEnv, all_reduce_sum, broadcast_from_main, gather_to_main
@@ -175,6 +177,30 @@ def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress:
     return path
 
 
+def choose_explicit(ckpt_dir: Path, explicit: str, where) -> tuple[str, dict]:
+    """--resume FILE starts a run directory; once the run has checkpoints of its own that started
+    from FILE, a relaunch of the same command (a SLURM requeue reruns it) continues from them:
+    going back to FILE would throw away what was trained since, at every requeue. Checkpoints of
+    its own that did not start from FILE make the choice the user's: UserError."""
+    own = find_latest_valid(ckpt_dir, where) if list_checkpoints(ckpt_dir) else None
+    if own is None:
+        return explicit, load_checkpoint(Path(explicit), where)
+    path, checkpoint = own
+    started_from = checkpoint.get("config", {}).get("resume")
+    if same_file(path, explicit) or (started_from and same_file(started_from, explicit)):
+        if not same_file(path, explicit):
+            log.info("--resume %s: this run started from it; continuing from its own newest checkpoint",
+                     explicit)
+        return str(path), checkpoint
+    raise UserError(f"--resume {explicit}: {ckpt_dir} has checkpoints of its own (newest {path.name}, "
+                    f"step {checkpoint['global_step']}) that did not start from it; to start from it use "
+                    f"another --run-dir, to continue the run drop --resume")
+
+
+def same_file(a, b) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def choose_resume_checkpoint(ckpt_dir: Path, explicit: str | None, env: DistEnv, read_once: bool = True) -> dict | None:
     """Collective: the main rank picks the file (explicit, else newest valid) and broadcasts its path;
     every rank has it loaded onto its own device (map_location: cuda:LOCAL_RANK or cpu), so nothing
@@ -189,10 +215,10 @@ def choose_resume_checkpoint(ckpt_dir: Path, explicit: str | None, env: DistEnv,
     if env.is_main:
         try:
             if explicit:
-                choice, checkpoint = explicit, load_checkpoint(Path(explicit), where)
+                choice, checkpoint = choose_explicit(ckpt_dir, explicit, where)
             elif found := find_latest_valid(ckpt_dir, where):
                 choice, checkpoint = str(found[0]), found[1]
-        except CheckpointError as error:
+        except (CheckpointError, UserError) as error:
             problem = str(error)
     choice, problem = broadcast_from_main((choice, problem), env)
     if problem:

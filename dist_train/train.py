@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_train import data, distributed, exits, healing
 from dist_train.async_save import ThreadWriter, make_writer
-from dist_train.checkpoint import load_checkpoint
+from dist_train.checkpoint import list_checkpoints, load_checkpoint
 from dist_train.saving import save_checkpoint, wait_for_pruning
 from dist_train.config import Config, config_differences, environment_differences, parse_config
 from dist_train.errors import RUN_ERRORS, GaveUp, SaveFailedError, UserError
@@ -92,12 +92,18 @@ def resume(config: Config, env, training: Training, ckpt_dir: Path) -> tuple[Pro
     return progress, checkpoint.get("wandb_run_id")
 
 
+def run_has_checkpoints(config: Config) -> bool:
+    return bool(list_checkpoints(Path(config.run_dir) / "checkpoints"))
+
+
 def check_before_touching_disk(config: Config, is_main: bool) -> None:
     """What can be checked without the run directory: the device, the --resume file, the data
     directory, the wandb directory."""
     distributed.this_ranks_device(config.device)
-    if is_main and config.resume:
-        load_checkpoint(Path(config.resume), mmap=True)  # verified; read again, onto devices, later
+    if is_main and config.resume and (os.path.lexists(config.resume) or not run_has_checkpoints(config)):
+        # verified; read again, onto devices, later. Gone is no error for a run that has its own
+        # checkpoints: they may have started from it (state.choose_explicit decides, under the lock).
+        load_checkpoint(Path(config.resume), mmap=True)
     if is_main:
         check_wandb_dir(config)
         check_config_file(config.run_dir)

@@ -3,6 +3,8 @@ demo's training on real digits."""
 
 from __future__ import annotations
 
+import shutil
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -70,11 +72,27 @@ def test_relaunching_a_finished_run_says_complete(reference_ws1):
 
 
 def test_resume_from_an_explicit_checkpoint_continues_exactly(reference_ws1, session_dir):
-    older = reference_ws1 / "checkpoints" / "step_000000040.pt"
+    older = session_dir / "explicit_start.pt"  # a copy: it is removed below
+    shutil.copyfile(reference_ws1 / "checkpoints" / "step_000000040.pt", older)
     run_dir = session_dir / "explicit_resume"
-    out = run(SMALL_RUN + ["--run-dir", str(run_dir), "--resume", str(older)]).stdout
+    command = SMALL_RUN + ["--run-dir", str(run_dir), "--resume", str(older)]
+    out = run(command).stdout
     assert f"resuming from {older}" in out
     assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference_ws1))
+    # A relaunch of the same command (a SLURM requeue reruns it) continues the run directory's own
+    # checkpoints, which started from that file: it went back to the file and trained again. The
+    # file may be gone by then (pruned by its own run).
+    older.unlink()
+    out = run(command).stdout
+    assert "is complete" in out and "saved checkpoint" not in out, out
+    # Another file while the run directory has checkpoints of its own: which one to follow is
+    # the user's call, not a silent pick; nothing is touched.
+    other = reference_ws1 / "checkpoints" / "step_000000045.pt"
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    result = run(SMALL_RUN + ["--run-dir", str(run_dir), "--resume", str(other)], check=False)
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "has checkpoints of its own" in errors[0], result.stdout
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 
 def test_evaluate_reports_loss_and_accuracy(reference_ws2):
