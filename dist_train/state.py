@@ -230,6 +230,13 @@ def choose_resume_checkpoint(ckpt_dir: Path, explicit: str | None, env: DistEnv,
     elif checkpoint is None:  # the other ranks read the file the main rank chose
         checkpoint = load_checkpoint(Path(choice), map_location=env.device)
     log.info("resuming from %s (epoch %d, step %d)", choice, checkpoint["epoch"], checkpoint["global_step"])
+    if checkpoint.get("wandb_run_id") and not same_file(Path(choice).parent, ckpt_dir):
+        # Another run directory's file: this run is a fork of that one (which may go on, or run
+        # at once), not the same run; its wandb history is its own.
+        if env.is_main:
+            log.info("%s is another run directory's: its wandb run %s is not continued", choice,
+                     checkpoint["wandb_run_id"])
+        checkpoint = dict(checkpoint, wandb_run_id=None)
     return checkpoint
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (REPO, Launch, alive, launch_command, newest_checkpoint, process_tree, python_env, run,
+from conftest import (REPO, SMALL_RUN, Launch, alive, launch_command, newest_checkpoint, process_tree, python_env, run,
                       signal_all)
 from dist_train.cli import main as cli_main
 from dist_train.config import UserError, parse_config
@@ -55,6 +55,22 @@ def test_wandb_keeps_one_run_across_kills_and_logs_no_step_twice(killed_ws1):
     # logged again only if the kill came between its progress line and its wandb log (which
     # follows the line): then the killed launch never logged it.
     assert min(row["_step"] for row in last) >= 37
+
+
+def test_a_run_started_from_another_runs_checkpoint_logs_to_a_wandb_run_of_its_own(killed_ws1, tmp_path):
+    """--resume FILE of another run directory took FILE's wandb run id, so the new run (a fork:
+    say another lr from step 40 with --allow-config-change) logged into the first run's history,
+    steps it already had; both may even run at once. A run's own checkpoints keep their run."""
+    source_dir, _ = killed_ws1
+    first_id = json.loads((source_dir / "wandb.json").read_text())["run_id"]
+    start = sorted((source_dir / "checkpoints").glob("step_*.pt"))[0]
+    fork = tmp_path / "fork"
+    out = run(SMALL_RUN + ["--run-dir", str(fork), "--resume", str(start), "--wandb-project", "dist-train-tests",
+                           "--wandb-mode", "offline"]).stdout
+    fork_id = json.loads((fork / "wandb.json").read_text())["run_id"]
+    assert fork_id != first_id and f"its wandb run {first_id} is not continued" in out, out[-3000:]
+    assert newest_checkpoint(fork)["wandb_run_id"] == fork_id
+    assert {read_run(f)["run_id"] for f in (fork / "wandb").glob("offline-run-*/run-*.wandb")} == {fork_id}
 
 
 def _first_key(kind: str) -> str:
