@@ -197,9 +197,17 @@ def test_a_flipped_byte_is_a_broken_file_and_the_previous_one_is_used(tmp_path, 
 
 def test_the_recipe_loads_a_checkpoint_file_unchanged(tmp_path):
     path = save_checkpoint(trained_checkpoint(5), tmp_path, keep=3)
-    checkpoint = torch.load(path)  # the recipe's plain call, no sidecar, no wrapper
-    model, optimizer = Net(), torch.optim.SGD(Net().parameters(), lr=0.001, momentum=0.9)
+    # The recipe's loading code, line for line: no sidecar, no wrapper
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    checkpoint = torch.load(path, weights_only=True)
     model.load_state_dict(checkpoint["model_state_dict"])
+    optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+    epoch = checkpoint["epoch"]
+    loss = checkpoint["loss"]
+    model.eval()
+    assert isinstance(epoch, int) and isinstance(loss, float)
+    assert all(state["momentum_buffer"] is not None for state in optimizer.state.values())
     assert checkpoint["format_version"] == 2 and "environment" in checkpoint
 
 

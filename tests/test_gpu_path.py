@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SMALL_RUN, Launch, assert_bitwise_equal, newest_checkpoint, python_env
+from conftest import REPO, SMALL_RUN, Launch, newest_checkpoint, python_env
 from dist_train import cli, exits
 from dist_train.config import UserError
 from dist_train.distributed import RankError, nondeterministic_op, pick_device, use_deterministic_kernels
