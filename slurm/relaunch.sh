@@ -8,6 +8,10 @@
 # 4 save failed, 5 too many failures, 75 saved and stopped, 130 SIGINT, 143 SIGTERM.
 # MAX_RELAUNCHES (default 10) bounds the loop where the training cannot count (it dies before).
 max=${MAX_RELAUNCHES:-10}
+if [[ ! $max =~ ^[0-9]+$ ]]; then  # bash arithmetic would read a word as a variable (0), or run $(...)
+  echo "relaunch.sh: MAX_RELAUNCHES=$max is not a whole number" >&2
+  exit 2
+fi
 for ((launch = 0; ; launch++)); do
   status=0
   "$@" || status=$?

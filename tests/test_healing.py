@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -72,6 +73,21 @@ def test_the_relaunch_loop_stops_on_every_code_a_relaunch_would_not_change():
     stops = {int(code) for code in re.search(r"\n\s+([\d|]+)\) exit", script).group(1).split("|")}
     assert stops == exits.PERMANENT | {exits.COMPLETE, exits.STOPPED, exits.INTERRUPTED, exits.TERMINATED}
     assert exits.PEER_FAILED not in stops and exits.CRASH not in stops
+
+
+def test_the_relaunch_loop_bound_must_be_a_number(tmp_path):
+    """MAX_RELAUNCHES=ten was bash arithmetic on an unset name (0): one failure and it gave up,
+    silently; a value like 'a[$(cmd)]' would even run cmd. Now refused; a number bounds the loop."""
+    count = tmp_path / "count"
+    step = f"echo x >> {count}; exit 1"
+    for bad in ("ten", "a[$(touch {0})]".format(tmp_path / "ran"), "-1"):
+        result = subprocess.run(["bash", str(REPO / "slurm" / "relaunch.sh"), "bash", "-c", step],
+                                env=dict(os.environ, MAX_RELAUNCHES=bad), capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "MAX_RELAUNCHES" in result.stderr and not count.exists(), (bad, result)
+    assert not (tmp_path / "ran").exists()
+    result = subprocess.run(["bash", str(REPO / "slurm" / "relaunch.sh"), "bash", "-c", step],
+                            env=dict(os.environ, MAX_RELAUNCHES="1"), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and count.read_text() == "x\nx\n" and "giving up" in result.stderr
 
 
 def test_fault_injection_is_refused_when_malformed():
