@@ -337,8 +337,8 @@ def check_slurm_ids(environ) -> None:
     for name in SLURM_IDS:
         value = environ.get(name)
         if value and not re.fullmatch(r"[0-9]+", value):
-            raise UserError(f"{name}={value!r} in the environment is not a SLURM id (a whole number): it names "
-                            "the run directory and the job to requeue; unset it outside a SLURM job")
+            raise UserError(f"{name}={value!r} in the environment is not a whole number, as SLURM sets it: it "
+                            "names the run directory and the job to requeue; unset it outside a SLURM job")
 
 
 def default_run_dir(environ) -> str:

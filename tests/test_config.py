@@ -205,7 +205,7 @@ def test_a_slurm_job_id_that_is_not_a_number_is_refused(environ):
     job 13 too. SLURM sets them as whole numbers; anything else is refused, --run-dir or not."""
     bad = next(name for name, value in environ.items() if not value.isascii() or not value.isdigit())
     for flags in ([], ["--run-dir", "runs/mine"]):
-        with pytest.raises(UserError, match=rf"^{bad}=.* in the environment is not a SLURM id"):
+        with pytest.raises(UserError, match=rf"^{bad}=.* in the environment is not a whole number, as SLURM sets it"):
             parse_config(flags, environ)
     assert parse_config([], {"SLURM_ARRAY_JOB_ID": "5", "SLURM_ARRAY_TASK_ID": "12"}).run_dir == "runs/5_12"
     assert parse_config([], {"SLURM_JOB_ID": "123", "SLURM_ARRAY_TASK_ID": ""}).run_dir == "runs/123"
