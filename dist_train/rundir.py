@@ -7,11 +7,13 @@ holder dies (SIGKILL, a crashed node's lease on NFSv4), so a stale lock is simpl
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import socket
+import stat
 from pathlib import Path
 
 from dist_train import processes
@@ -30,7 +32,18 @@ class RunDirLock:
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LOCK_NAME
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # Not through a link (it would truncate the file it points to), nor blocking on a FIFO.
+        not_regular = UserError(f"run directory {run_dir}: {self.path} is not a regular file (a link, FIFO or "
+                                "directory); remove it")
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as error:
+            if isinstance(error, IsADirectoryError) or error.errno == errno.ELOOP:
+                raise not_regular from None
+            raise
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            os.close(self._fd)
+            raise not_regular
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -22,6 +22,28 @@ def test_a_second_holder_is_refused_with_the_first_ones_pid_and_host(tmp_path):
     RunDirLock(tmp_path).release()  # released: the next one takes it
 
 
+@pytest.mark.parametrize("kind", ["link to a file", "dangling link", "FIFO", "directory"])
+def test_a_lock_file_that_is_not_a_regular_file_is_refused_untouched(tmp_path, kind):
+    """RUN/.lock is truncated and given the holder's PID: as a link (a run directory copied with
+    `cp -rs`, or planted) it truncated the file it pointed to, or created one where the link led."""
+    victim = tmp_path / "victim.txt"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = run_dir / ".lock"
+    if kind == "link to a file":
+        victim.write_text("precious\n")
+        lock.symlink_to(victim)
+    elif kind == "dangling link":
+        lock.symlink_to(victim)
+    elif kind == "FIFO":
+        os.mkfifo(lock)
+    else:
+        lock.mkdir()
+    with pytest.raises(UserError, match=rf"^run directory {run_dir}: {lock} is not a regular file"):
+        RunDirLock(run_dir)
+    assert (victim.read_text() == "precious\n") if kind == "link to a file" else not victim.exists()
+
+
 def test_stale_temp_files_are_removed_in_the_run_dir_and_checkpoints_under_the_lock(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
