@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from dist_train.config import UserError
+from dist_train.errors import first_line
 
 NUM_CLASSES = 10
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -53,6 +57,34 @@ def build_model(name: str) -> nn.Module:
 
     model = torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES)
     return replace_global_average_pools(model)
+
+
+def check_model_takes(name: str, image_shape: tuple[int, ...]) -> None:
+    """A torchvision model made for larger images (ViT's fixed 224, AlexNet's and Inception's
+    pooling) or with auxiliary outputs in training (GoogLeNet) failed at its first step with a
+    traceback, exit 1, which a relaunch loop retries. Found here on the meta device (shapes only:
+    no weights are made), before the run directory is touched: one line, exit 2."""
+    if name == "net":
+        return
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # GoogLeNet's and Inception's FutureWarning on init: noise here
+            model = build_model(name)
+    except UserError:
+        raise
+    except Exception:  # a model the meta device cannot build (RegNet): its first step will tell
+        return
+    try:
+        with torch.device("meta"), torch.no_grad():
+            out = model.train()(torch.zeros(2, *image_shape))
+    except Exception as error:
+        reason = first_line(error)
+    else:
+        if isinstance(out, torch.Tensor) and tuple(out.shape) == (2, NUM_CLASSES):
+            return
+        reason = f"in training it returns {type(out).__name__}, not a tensor of {NUM_CLASSES} logits per image"
+    raise UserError(f"--model {name} cannot train on {'x'.join(map(str, image_shape))} images ({reason}); "
+                    "ResNets, ConvNeXts, EfficientNets, VGGs and Swins can, among others")
 
 
 class GlobalAvgPool(nn.Module):

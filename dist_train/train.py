@@ -23,7 +23,7 @@ from dist_train.saving import save_checkpoint, wait_for_pruning
 from dist_train.config import Config, config_differences, environment_differences, parse_config
 from dist_train.errors import RUN_ERRORS, GaveUp, SaveFailedError, UserError
 from dist_train.loop import build_scheduler, evaluate, train_steps
-from dist_train.models import build_model, unwrap
+from dist_train.models import build_model, check_model_takes, unwrap
 from dist_train.preemption import (INTERRUPT, NONE, REQUEUE, TERMINATE, SaveClock, StopAgreement, StopFlag,
                                    requeue_slurm_job, restart_count)
 from dist_train.rundir import check_config_file, prepare_run_dir, write_config_file
@@ -100,6 +100,7 @@ def check_before_touching_disk(config: Config, is_main: bool) -> None:
     """What can be checked without the run directory: the device, the --resume file, the data
     directory, the wandb directory."""
     distributed.this_ranks_device(config.device)
+    check_model_takes(config.model, data.IMAGE_SHAPE)
     if is_main and config.resume and (os.path.lexists(config.resume) or not run_has_checkpoints(config)):
         # verified; read again, onto devices, later. Gone is no error for a run that has its own
         # checkpoints: they may have started from it (state.choose_explicit decides, under the lock).

@@ -172,6 +172,12 @@ BAD_INPUTS = {
     "run dir is a file": (["--run-dir", "{tmp}/a-file"], "a-file exists and is not a directory"),
     "not a checkpoint": (["--resume", "{tmp}/a-file"], "not a loadable checkpoint"),
     "newer format": (["--resume", "{tmp}/newer.pt"], "format version 99 is newer"),
+    # Made for larger images, or with auxiliary outputs: a traceback at the first step (exit 1,
+    # which relaunch.sh retries) before; found before the run directory is touched
+    "a model for 224x224 images": (["--model", "vit_b_16"], "--model vit_b_16 cannot train on 3x32x32 images "
+                                   "(Wrong image height! Expected 224 but got 32!)"),
+    "a model with auxiliary outputs": (["--model", "googlenet"], "--model googlenet cannot train on 3x32x32 "
+                                       "images (in training it returns GoogLeNetOutputs"),
     "another architecture": (["--model", "resnet18", "--allow-config-change"],
                              "another architecture than ResNet: missing keys bn1.bias"),
 }
