@@ -64,15 +64,8 @@ def check_model_takes(name: str, image_shape: tuple[int, ...]) -> None:
     pooling) or with auxiliary outputs in training (GoogLeNet) failed at its first step with a
     traceback, exit 1, which a relaunch loop retries. Found here on the meta device (shapes only:
     no weights are made), before the run directory is touched: one line, exit 2."""
-    if name == "net":
-        return
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # GoogLeNet's and Inception's FutureWarning on init: noise here
-            model = build_model(name)
-    except UserError:
-        raise
-    except Exception:  # a model the meta device cannot build (RegNet): its first step will tell
+    model = _on_meta(name)
+    if model is None:
         return
     try:
         with torch.device("meta"), torch.no_grad():
@@ -85,6 +78,35 @@ def check_model_takes(name: str, image_shape: tuple[int, ...]) -> None:
         reason = f"in training it returns {type(out).__name__}, not a tensor of {NUM_CLASSES} logits per image"
     raise UserError(f"--model {name} cannot train on {'x'.join(map(str, image_shape))} images ({reason}); "
                     "ResNets, ConvNeXts, EfficientNets, VGGs and Swins can, among others")
+
+
+def one_image_problem(name: str, image_shape: tuple[int, ...]) -> str | None:
+    """Why the model cannot take a training step on a batch of one image (BatchNorm over a single
+    value per channel, as a ResNet's last layers see on 32x32 images), or None."""
+    model = _on_meta(name)
+    if model is None:
+        return None
+    try:
+        with torch.device("meta"), torch.no_grad():
+            model.train()(torch.zeros(1, *image_shape))
+    except Exception as error:
+        return first_line(error)
+    return None
+
+
+def _on_meta(name: str) -> nn.Module | None:
+    """The model on the meta device (no weights made); None for Net (it takes anything) or a model
+    the meta device cannot build (RegNet): its first step tells."""
+    if name == "net":
+        return None
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # GoogLeNet's and Inception's FutureWarning on init: noise here
+            return build_model(name)
+    except UserError:
+        raise
+    except Exception:
+        return None
 
 
 class GlobalAvgPool(nn.Module):

@@ -23,7 +23,7 @@ from dist_train.saving import save_checkpoint, wait_for_pruning
 from dist_train.config import Config, config_differences, environment_differences, parse_config
 from dist_train.errors import RUN_ERRORS, GaveUp, SaveFailedError, UserError
 from dist_train.loop import build_scheduler, evaluate, train_steps
-from dist_train.models import build_model, check_model_takes, unwrap
+from dist_train.models import build_model, check_model_takes, one_image_problem, unwrap
 from dist_train.preemption import (INTERRUPT, NONE, REQUEUE, TERMINATE, SaveClock, StopAgreement, StopFlag,
                                    requeue_slurm_job, restart_count)
 from dist_train.rundir import check_config_file, prepare_run_dir, write_config_file
@@ -92,6 +92,29 @@ def resume(config: Config, env, training: Training, ckpt_dir: Path) -> tuple[Pro
     return progress, checkpoint.get("wandb_run_id")
 
 
+def check_batch_sizes(config: Config, per_rank: int) -> None:
+    """A batch of one image (--batch-size 1, or the last batch of each epoch) crashes a model with
+    BatchNorm at that step, every epoch, every relaunch: refused at start, with a batch size that
+    works."""
+    batch = config.batch_size
+    if min(batch, per_rank) != 1 and per_rank % batch != 1:
+        return
+    reason = one_image_problem(config.model, data.IMAGE_SHAPE)
+    if reason is None:
+        return
+    if per_rank == 1:
+        raise UserError(f"the training data holds 1 image per rank, and {config.model} cannot train on batches "
+                        f"of one image ({reason}); use more data or fewer ranks")
+    if batch == 1:
+        raise UserError(f"--batch-size 1: {config.model} cannot train on batches of one image ({reason}); "
+                        "use --batch-size 2 or more")
+    # the nearest smaller one that works, else a larger one (per_rank itself always does)
+    other = next(b for b in [*range(batch - 1, 1, -1), *range(batch + 1, per_rank + 1)] if per_rank % b != 1)
+    raise UserError(f"the last batch of every epoch holds 1 image per rank ({per_rank} per rank, --batch-size "
+                    f"{batch}), and {config.model} cannot train on one image ({reason}); use --batch-size "
+                    f"{other}, say")
+
+
 def run_has_checkpoints(config: Config) -> bool:
     return bool(list_checkpoints(Path(config.run_dir) / "checkpoints"))
 
@@ -151,6 +174,7 @@ def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path, writer
         seed_everything(config.seed)  # the same initial weights on every rank
         train_set, test_set = data.build_datasets(config, env)
         train_loader = data.build_train_loader(train_set, config, env)
+        check_batch_sizes(config, train_loader.sampler.num_samples)
         test_loader = data.build_eval_loader(test_set, config, env)
         input_shape = train_set[(0, 0)][0].shape  # one sample (seeded, so no RNG is drawn)
         training = build_training(config, env, train_loader.sampler.batches_per_epoch, input_shape)

@@ -178,6 +178,12 @@ BAD_INPUTS = {
                                    "(Wrong image height! Expected 224 but got 32!)"),
     "a model with auxiliary outputs": (["--model", "googlenet"], "--model googlenet cannot train on 3x32x32 "
                                        "images (in training it returns GoogLeNetOutputs"),
+    # BatchNorm cannot train on one value per channel: resnet18 crashed at the last batch of
+    # every epoch (17 images, 16 a batch), so the run never got past its first epoch's end
+    "a last batch of one image": (["--model", "resnet18", "--fake-size", "17"], "the last batch of every "
+                                  "epoch holds 1 image per rank (17 per rank, --batch-size 16)"),
+    "batches of one image": (["--model", "resnet18", "--batch-size", "1"], "--batch-size 1: resnet18 cannot "
+                             "train on batches of one image"),
     "another architecture": (["--model", "resnet18", "--allow-config-change"],
                              "another architecture than ResNet: missing keys bn1.bias"),
 }
