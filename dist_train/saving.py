@@ -6,7 +6,9 @@ prunes; what this process already knows of each file spares pruning from reading
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 import threading
 from pathlib import Path
 
@@ -64,8 +66,13 @@ def save_failure(error: OSError, checkpoint: dict, ckpt_dir: Path, keep: int) ->
     """One line: what failed, and how much room the checkpoints need."""
     size = sum(t.numel() * t.element_size() for t in tensors(checkpoint))
     path = checkpoint_path(ckpt_dir, checkpoint["global_step"])
-    return (f"could not save checkpoint {path}: {error.strerror or error}; the temp file is removed and "
-            f"the older checkpoints are kept. A save needs about {_mb(size * (keep + 1))} free "
+    kept = f"could not save checkpoint {path}: {error.strerror or error}; the temp file is removed and the " \
+           "older checkpoints are kept."
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if error.errno == errno.EFBIG and limit != resource.RLIM_INFINITY:  # not the disk: this process's limit
+        return (f"{kept} This process may not write files over {_mb(limit)} (its file size limit, ulimit -f), "
+                f"and a checkpoint is ~{_mb(size)}: raise the limit")
+    return (f"{kept} A save needs about {_mb(size * (keep + 1))} free "
             f"(checkpoint ~{_mb(size)} x (--keep {keep} + 1))")
 
 
