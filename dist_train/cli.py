@@ -117,13 +117,19 @@ def list_command(args) -> int:
     resume_choice = None
     for path in paths:  # newest first
         try:
+            size = path.stat().st_size
             checkpoint = load_checkpoint(path)
             status = f"epoch {checkpoint['epoch']} step {checkpoint['global_step']} loss {checkpoint['loss']:.4f}"
             resume_choice = resume_choice or path
         except CheckpointError as error:
             status = f"BROKEN ({str(error).split(': ', 1)[-1]})"
+        except FileNotFoundError:
+            status = None
+        if not path.exists():  # a running training pruned it since the listing
+            print(f"{path.name}  gone (pruned meanwhile)")
+            continue
         tags = [t for t, on in (("resume", path == resume_choice), ("latest", path == marker)) if on]
-        print(f"{path.name}  {path.stat().st_size:>11} bytes  {status}  {' '.join(f'<- {t}' for t in tags)}".rstrip())
+        print(f"{path.name}  {size:>11} bytes  {status}  {' '.join(f'<- {t}' for t in tags)}".rstrip())
     return 0
 
 

@@ -51,6 +51,28 @@ def test_list_shows_newest_first_and_the_resume_choice(reference_ws1, tmp_path, 
     assert run_cli(["list", str(run_dir / "checkpoints")], capsys)[1] == out
 
 
+def test_list_survives_a_file_pruned_while_it_lists(reference_ws1, tmp_path, capsys, monkeypatch):
+    """A run prunes while `dist-train list` (under `watch`, say) reads its directory: the file
+    gone between the listing and its reading was a traceback (FileNotFoundError of its size)."""
+    import dist_train.checkpoint as checkpoint
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_ws1 / "checkpoints", run_dir / "checkpoints")
+    real_load = checkpoint.load_checkpoint
+
+    def pruned_meanwhile(path, *args, **kwargs):
+        if path.name == "step_000000040.pt":
+            path.unlink()
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", pruned_meanwhile)
+    code, out, _ = run_cli(["list", str(run_dir)], capsys)
+    lines = out.splitlines()
+    assert code == 0 and [line.split()[0] for line in lines] == [
+        "step_000000048.pt", "step_000000045.pt", "step_000000040.pt"]
+    assert lines[2].split()[1:] == ["gone", "(pruned", "meanwhile)"], lines
+
+
 @pytest.mark.parametrize("suffix,dtype", [(".safetensors", "bfloat16"), (".pt", None)])
 def test_export_model_weights_for_inference(reference_ws1, tmp_path, capsys, suffix, dtype):
     out_file = tmp_path / f"weights{suffix}"
