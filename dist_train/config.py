@@ -254,12 +254,19 @@ def _load_yaml(text: str):
     return yaml.load(text, Loader=Loader)
 
 
+MAX_TEXT_FILE = 16 << 20  # bytes; a sweep of 100,000 lines is a few MB
+
+
 def read_text_file(path: str, what: str) -> str:
     """A regular file's text; anything else (a FIFO or /dev/stdin would block for ever, /dev/zero
     fill the memory) is refused unopened."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
             raise UserError(f"{what} {path}: not a regular file")
+        if info.st_size > MAX_TEXT_FILE:  # a data file or a log given by mistake: not read into memory
+            raise UserError(f"{what} {path}: {info.st_size / 1e6:.1f} MB, over the {MAX_TEXT_FILE / 1e6:.1f} MB "
+                            f"a {what} may have")
         return Path(path).read_text()
     except OSError as error:
         raise UserError(f"cannot read {what} {path}: {error.strerror}") from None

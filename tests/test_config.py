@@ -94,6 +94,19 @@ def test_a_config_or_sweep_file_that_is_not_a_regular_file_is_refused_unread(tmp
     assert out == f"{what} {fifo}: not a regular file\n"
 
 
+@pytest.mark.parametrize("flag, name, what", [("--config", "c.toml", "config file"),
+                                             ("--sweep-file", "sweep.txt", "sweep file")])
+def test_a_config_or_sweep_file_too_large_to_be_one_is_refused_unread(tmp_path, flag, name, what):
+    """A regular file of gigabytes (a data file or a log passed by mistake) was read whole into
+    memory, then parsed."""
+    path = tmp_path / name
+    with open(path, "wb") as f:
+        f.truncate(17 << 20)  # sparse: no disk used
+    with pytest.raises(UserError) as error:
+        parse_config([flag, str(path)], {"SLURM_ARRAY_TASK_ID": "0"})
+    assert str(error.value) == f"{what} {path}: 17.8 MB, over the 16.8 MB a {what} may have"
+
+
 def test_a_sweep_line_may_name_a_config_file_and_nothing_is_silently_dropped(tmp_path):
     """Before, `--config FILE` on a sweep line was parsed and thrown away (the run trained with
     the defaults), and `--sweep-file` there was recorded but never read."""
