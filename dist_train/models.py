@@ -68,8 +68,7 @@ def check_model_takes(name: str, image_shape: tuple[int, ...]) -> None:
     if model is None:
         return
     try:
-        with torch.device("meta"), torch.no_grad():
-            out = model.train()(torch.zeros(2, *image_shape))
+        out = _step_on_meta(model, 2, image_shape)
     except Exception as error:
         reason = first_line(error)
     else:
@@ -87,11 +86,16 @@ def one_image_problem(name: str, image_shape: tuple[int, ...]) -> str | None:
     if model is None:
         return None
     try:
-        with torch.device("meta"), torch.no_grad():
-            model.train()(torch.zeros(1, *image_shape))
+        _step_on_meta(model, 1, image_shape)
     except Exception as error:
         return first_line(error)
     return None
+
+
+def _step_on_meta(model: nn.Module, batch_size: int, image_shape: tuple[int, ...]):
+    """The training-mode output for a batch of zeros, shapes only."""
+    with torch.device("meta"), torch.no_grad():
+        return model.train()(torch.zeros(batch_size, *image_shape))
 
 
 def _on_meta(name: str) -> nn.Module | None:

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dist_train.checkpoint import (CheckpointError, FORMAT_VERSION, find_latest_valid, list_checkpoints,
-                                   load_checkpoint, map_leaves)
+from dist_train.checkpoint import CheckpointError, FORMAT_VERSION, find_latest_valid, load_checkpoint, map_leaves
 from dist_train.saving import write_checkpoint
 from dist_train.errors import DivergedError, SaveFailedError, UserError
 from dist_train.distributed import DistEnv, all_reduce_sum, broadcast_from_main, gather_to_main
@@ -182,7 +181,7 @@ def choose_explicit(ckpt_dir: Path, explicit: str, where) -> tuple[str, dict]:
     from FILE, a relaunch of the same command (a SLURM requeue reruns it) continues from them:
     going back to FILE would throw away what was trained since, at every requeue. Checkpoints of
     its own that did not start from FILE make the choice the user's: UserError."""
-    own = find_latest_valid(ckpt_dir, where) if list_checkpoints(ckpt_dir) else None
+    own = find_latest_valid(ckpt_dir, where)
     if own is None:
         return explicit, load_checkpoint(Path(explicit), where)
     path, checkpoint = own
