@@ -334,6 +334,28 @@ def environment_differences(saved: dict, now: dict) -> list[str]:
             for key in ENVIRONMENT_NAMES if key in saved and saved[key] != now.get(key)]
 
 
+# What may differ from one rank to another: a node's own copy of the data, its cores, wandb's
+# variables in its environment (the main rank alone logs). Every other setting, and the recorded
+# environment, must be the main rank's on every rank (train.check_ranks_agree): a rank with another
+# lr trains its replica with it, silently (DDP averages gradients, not weights), and the checkpoint
+# records the main rank's settings and environment for all.
+PER_NODE_FIELDS = frozenset({"data_dir", "download", "num_workers", "wandb_project", "wandb_entity",
+                             "wandb_mode", "wandb_dir"})
+
+
+def rank_settings(config: Config, environment: dict) -> dict:
+    """What every rank must share with the main rank (see PER_NODE_FIELDS)."""
+    shared = {key: value for key, value in config.to_dict().items() if key not in PER_NODE_FIELDS}
+    return {"config": shared, "environment": environment}
+
+
+def rank_differences(main: dict, other: dict, rank: int) -> list[str]:
+    """'what: X on rank 0, Y on rank N' for each setting of rank_settings that differs."""
+    names = {**{key: key for key in main["config"]}, **ENVIRONMENT_NAMES}
+    return [f"{names.get(key, key)}: {main[part][key]!r} on rank 0, {other[part].get(key)!r} on rank {rank}"
+            for part in ("config", "environment") for key in main[part] if main[part][key] != other[part].get(key)]
+
+
 SLURM_IDS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
 
 

@@ -20,7 +20,8 @@ from dist_train import data, distributed, exits, healing
 from dist_train.async_save import ThreadWriter, make_writer
 from dist_train.checkpoint import list_checkpoints, load_checkpoint
 from dist_train.saving import save_checkpoint, wait_for_pruning
-from dist_train.config import Config, config_differences, environment_differences, parse_config
+from dist_train.config import (Config, config_differences, environment_differences, parse_config, rank_differences,
+                               rank_settings)
 from dist_train.errors import RUN_ERRORS, GaveUp, SaveFailedError, UserError
 from dist_train.loop import build_scheduler, evaluate, train_steps
 from dist_train.models import build_model, check_model_takes, one_image_problem, unwrap
@@ -171,6 +172,7 @@ def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path, writer
         log.info("%s", distributed.describe_placement(env))
         if "SLURM_JOB_ID" in os.environ:
             log.info("SLURM job %s, restart count %d", os.environ["SLURM_JOB_ID"], restart_count())
+        check_ranks_agree(config, env)
         seed_everything(config.seed)  # the same initial weights on every rank
         train_set, test_set = data.build_datasets(config, env)
         train_loader = data.build_train_loader(train_set, config, env)
@@ -255,6 +257,26 @@ def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path, writer
         if tracker is not None:
             tracker.finish()
         distributed.teardown(env)
+
+
+def check_ranks_agree(config: Config, env) -> None:
+    """Collective: every rank parsed its own command line, config file and environment; one that
+    differs from the main rank (another copy of the config file on its node, another thread count
+    or torch version) is refused on every rank, before anything is trained or written."""
+    settings = distributed.gather_to_main(rank_settings(config, capture_environment(env.device)), env)
+    problem = None
+    if env.is_main:
+        differing = [(rank, found) for rank, other in enumerate(settings[1:], start=1)
+                     if (found := rank_differences(settings[0], other, rank))]
+        if differing:
+            rank, found = differing[0]
+            more = f" (and {len(differing) - 1} more ranks)" if len(differing) > 1 else ""
+            problem = (f"rank {rank} of {env.world_size} does not run with the main rank's settings{more}: "
+                       f"{'; '.join(found)}. Every rank needs the same flags, config file, thread count "
+                       "(OMP_NUM_THREADS) and torch")
+    problem = distributed.broadcast_from_main(problem, env)
+    if problem:
+        raise UserError(problem)
 
 
 def start_tracker(config: Config, env, wandb_run_id: str | None):

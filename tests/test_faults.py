@@ -8,7 +8,9 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import SMALL_RUN, Launch, assert_same_training_state, newest_checkpoint, process_tree, run
+import pytest
+
+from conftest import SMALL_RUN, TRAIN, Launch, assert_same_training_state, newest_checkpoint, process_tree, run
 
 from dist_train import exits
 
@@ -69,3 +71,38 @@ def test_a_signal_during_start_up_is_kept_and_acted_on_at_the_first_step(tmp_pat
     out = launch.output()
     assert "stop requested by SIGUSR1" in out and "outside a SLURM job" in out, out[-3000:]
     assert newest_checkpoint(run_dir)["global_step"] == 1
+
+
+# torchrun's entry point for the test below: rank 1 runs launch/train.py with other flags, or with
+# another thread count, as a node that read another config file or has other software would.
+RANK_1_DIFFERS = """
+import os, runpy, sys
+sys.argv = sys.argv[1:]  # launch/train.py and its flags
+if os.environ["RANK"] == "1":
+    sys.argv += os.environ["RANK_1_FLAGS"].split()
+    if os.environ.get("RANK_1_THREADS"):
+        import torch
+        torch.set_num_threads(int(os.environ["RANK_1_THREADS"]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("flags, threads, named", [
+    ("--lr 0.02", "", "lr: 0.01 on rank 0, 0.02 on rank 1"),
+    ("", "2", "thread count (torch.get_num_threads): 1 on rank 0, 2 on rank 1"),
+])
+def test_a_rank_that_runs_with_other_settings_than_the_main_rank_is_refused(tmp_path, flags, threads, named):
+    """Each rank parses its own command line, config file and environment. A rank with another lr
+    (a node that read another copy of the config file) trained its replica with it, silently: DDP
+    averages gradients, not weights, and only the main rank's weights are saved. A rank with
+    another thread count computes other bits, and the checkpoint records the main rank's alone."""
+    script = tmp_path / "rank_1_differs.py"
+    script.write_text(RANK_1_DIFFERS)
+    run_dir = tmp_path / "run"
+    args = [str(TRAIN), *SMALL_RUN, "--num-workers", "0", "--run-dir", str(run_dir)]
+    out = run(args, nproc=2, script=script, check=False, env_extra={"RANK_1_FLAGS": flags, "RANK_1_THREADS": threads})
+    # torchrun exits 1 when a worker fails, and reports the workers' exit code
+    assert out.returncode == 1 and f"(exitcode: {exits.USER_ERROR})" in out.stdout, out.stdout[-3000:]
+    (line,) = [line for line in out.stdout.splitlines() if line.startswith("error:")]
+    assert "rank 1 of 2 does not run with the main rank's settings" in line and named in line, line
+    assert not list((run_dir / "checkpoints").glob("step_*")) and not (run_dir / "config.json").exists()
