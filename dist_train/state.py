@@ -244,8 +244,24 @@ def to_device(tree, device: torch.device):
     return map_leaves(tree, lambda tensor: tensor.to(device))
 
 
-def rescale_progress(progress: Progress, saved_world_size: int, world_size: int) -> Progress:
-    """Map the position inside an epoch to another world size: the samples consumed so far,
-    rounded down to whole batches of the new size (a few samples may be seen twice)."""
-    progress.next_batch = progress.next_batch * saved_world_size // world_size
+def rescale_progress(progress: Progress, saved_step_images: int, step_images: int,
+                     batches_per_epoch: int) -> Progress:
+    """Map the place inside an epoch to another world size or batch size (step_images: the images
+    of one step over all ranks, world size x batch size): the images consumed so far, rounded down
+    to whole steps of the new size. None is skipped, a few may be seen twice: the sampler deals
+    the epoch's permutation out to the ranks in turn, so what was consumed is a prefix of it.
+    Past the end of a smaller epoch (another dataset or --fake-size), its last batch is next: the
+    epoch then ends as any other, evaluated and saved."""
+    progress.next_batch = progress.next_batch * saved_step_images // step_images
+    progress.next_batch = min(progress.next_batch, batches_per_epoch - 1)
     return progress
+
+
+def place_schedule(training: Training, step: int) -> None:
+    """Put the learning-rate schedule at this step of the run, where the optimizer goes on (after
+    a resume with another number of steps per epoch, the checkpoint's step count is another scale)."""
+    scheduler = training.scheduler
+    scheduler.last_epoch = step
+    for i, group in enumerate(training.optimizer.param_groups):
+        group["lr"] = scheduler.base_lrs[i] * scheduler.lr_lambdas[i](step)
+    scheduler._last_lr = [group["lr"] for group in training.optimizer.param_groups]

@@ -30,7 +30,7 @@ from dist_train.preemption import (INTERRUPT, NONE, REQUEUE, TERMINATE, SaveCloc
 from dist_train.rundir import check_config_file, prepare_run_dir, write_config_file
 from dist_train.rng import restore_rng_of_rank, rng_state_at_step, seed_everything, seed_step
 from dist_train.state import (Progress, Training, apply_checkpoint, apply_optimizer_settings, build_checkpoint,
-                              capture_environment, choose_resume_checkpoint, rescale_progress,
+                              capture_environment, choose_resume_checkpoint, place_schedule, rescale_progress,
                               save_training_state, weights_are_finite)
 from dist_train.watchdog import AGREEING, EVALUATING, SAVING, SYNCING
 from dist_train.tracking import NullTracker, ProgressReport, build_tracker, check_wandb_dir, setup_logging
@@ -67,7 +67,8 @@ def settle_gradient_buckets(model: DDP, env, input_shape: torch.Size) -> None:
     model.module.load_state_dict(state)
 
 
-def resume(config: Config, env, training: Training, ckpt_dir: Path) -> tuple[Progress, str | None]:
+def resume(config: Config, env, training: Training, ckpt_dir: Path,
+           batches_per_epoch: int) -> tuple[Progress, str | None]:
     """Load the checkpoint to resume from, if any: (where training continues, its wandb run id)."""
     checkpoint = choose_resume_checkpoint(ckpt_dir, config.resume, env, config.read_once)
     if checkpoint is None:
@@ -87,8 +88,18 @@ def resume(config: Config, env, training: Training, ckpt_dir: Path) -> tuple[Pro
     progress = apply_checkpoint(checkpoint, training)
     # load_state_dict restored the saved lr, momentum and weight decay: the configured ones win.
     apply_optimizer_settings(training, config.lr, config.momentum, config.weight_decay)
-    if checkpoint["world_size"] != env.world_size:
-        progress = rescale_progress(progress, checkpoint["world_size"], env.world_size)
+    saved_batch = checkpoint["config"].get("batch_size")
+    saved_step_images = checkpoint["world_size"] * (saved_batch if type(saved_batch) is int and saved_batch > 0
+                                                    else config.batch_size)
+    # Another world size, batch size or dataset size (--allow-config-change) moves the place in
+    # the epoch, and the number of steps an epoch takes: the schedule follows the run's place.
+    # Unchanged, both are what the checkpoint holds.
+    progress = rescale_progress(progress, saved_step_images, env.world_size * config.batch_size, batches_per_epoch)
+    place = progress.next_epoch * batches_per_epoch + progress.next_batch
+    if place != training.scheduler.last_epoch:
+        log.info("the learning-rate schedule goes on from step %d of %d (the checkpoint's step %d, in steps "
+                 "of another size)", place, config.epochs * batches_per_epoch, progress.global_step)
+        place_schedule(training, place)
     restore_rng_of_rank(checkpoint, env)  # last: everything above may draw random numbers
     return progress, checkpoint.get("wandb_run_id")
 
@@ -182,7 +193,7 @@ def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path, writer
         training = build_training(config, env, train_loader.sampler.batches_per_epoch, input_shape)
         writer.defer(training.optimizer)  # its tensors are copied for a snapshot until its next step
         seed_everything(config.seed + env.rank)  # per-rank streams (dropout etc.) from here on
-        progress, wandb_run_id = resume(config, env, training, ckpt_dir)
+        progress, wandb_run_id = resume(config, env, training, ckpt_dir, train_loader.sampler.batches_per_epoch)
         log_peak_gpu_memory(env, "after start-up" if progress.global_step == 0 else "after the resume")
         if progress.next_epoch >= config.epochs:
             log.info("run in %s is complete (%d epochs, step %d); nothing to do",

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -18,7 +20,7 @@ from dist_train import exits
 from dist_train.config import EXACTNESS_FIELDS, HARMLESS_FIELDS, Config, UserError, parse_config
 from dist_train.loop import build_scheduler
 from dist_train.preemption import StopFlag
-from dist_train.state import Training, apply_optimizer_settings
+from dist_train.state import Progress, Training, apply_optimizer_settings, place_schedule, rescale_progress
 from dist_train.train import main
 
 TINY = ["--dataset", "fake", "--fake-size", "64", "--batch-size", "16", "--num-workers", "0",
@@ -269,6 +271,27 @@ def test_new_optimizer_settings_replace_the_loaded_ones_along_the_schedule():
     assert group["lr"] == 0.4 * scheduler.lr_lambdas[0](4)
 
 
+def test_another_world_size_continues_from_the_images_consumed_at_that_point_of_the_schedule():
+    """2 ranks x 16 images, 5 steps into epoch 1 (160 images), resumed on 4 ranks: 2 whole steps of
+    64 are done, and the schedule goes on from step 1 x 6 + 2 of the run on 4 ranks, not from the
+    17th step the checkpoint counted on 2 (a later point of a cosine schedule, past its end soon)."""
+    progress = rescale_progress(Progress(1, 1, 5, 17), 2 * 16, 4 * 16, batches_per_epoch=6)
+    assert (progress.next_epoch, progress.next_batch, progress.global_step) == (1, 2, 17)
+    # --fake-size 256 -> 64, 8 a batch: 18 batches done of an epoch that now has 8; its last is next
+    assert rescale_progress(Progress(0, 0, 18, 18), 8, 8, batches_per_epoch=8).next_batch == 7
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = build_scheduler(optimizer, "cosine", 2 * 6)
+    for _ in range(17):
+        optimizer.step()
+        scheduler.step()
+    place_schedule(Training(model, optimizer, scheduler), 1 * 6 + 2)
+    assert optimizer.param_groups[0]["lr"] == scheduler.get_last_lr()[0] == 0.1 * scheduler.lr_lambdas[0](8) > 0
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 0.1 * scheduler.lr_lambdas[0](9)
+
+
 def test_a_changed_lr_is_refused_then_really_used_with_allow_config_change(tmp_path):
     run_dir = tmp_path / "run"
     args = TINY + ["--run-dir", str(run_dir), "--epochs", "1", "--lr", "0.01", "--momentum", "0.9"]
@@ -282,6 +305,27 @@ def test_a_changed_lr_is_refused_then_really_used_with_allow_config_change(tmp_p
     group = newest_checkpoint(run_dir)["optimizer_state_dict"]["param_groups"][0]
     assert (group["lr"], group["momentum"]) == (0.05, 0.5)
     assert json.loads((run_dir / "config.json").read_text())["lr"] == 0.05
+
+
+def test_a_resume_with_another_batch_size_continues_at_the_same_sample_and_point_of_the_schedule(tmp_path):
+    """--allow-config-change with a larger batch size: the place in the epoch is the samples consumed,
+    in batches of the new size, and the learning-rate schedule goes on from the same place. It kept
+    the batch count: 18 batches of 8 became 18 of 64 in an epoch of 4, an epoch without a batch
+    (reported as a diverged loss, exit 3, at every relaunch), and a cosine schedule past its end."""
+    run_dir = tmp_path / "run"
+    args = ["--dataset", "fake", "--fake-size", "256", "--num-workers", "0", "--no-eval", "--log-every-steps", "1",
+            "--epochs", "2", "--save-every-steps", "18", "--keep", "10", "--run-dir", str(run_dir)]
+    run(args + ["--batch-size", "8"])  # 32 steps an epoch
+    for path in (run_dir / "checkpoints").glob("step_*.pt"):
+        if path.name != "step_000000018.pt":  # as if stopped there: epoch 0, 18 batches (144 images) done
+            path.unlink()
+    out = run(args + ["--batch-size", "64", "--allow-config-change"]).stdout  # 4 steps an epoch
+    # 144 images are 2 batches of 64: the third of epoch 0 is next, at 3/8 of the cosine schedule
+    lr = 0.01 * 0.5 * (1 + math.cos(math.pi * 3 / 8))
+    assert re.search(rf"epoch 0 step 19 batch 3/4 loss \S+ lr {lr:.3g} ", out), out[-3000:]
+    assert "the learning-rate schedule goes on from step 2 of 8 (the checkpoint's step 18" in out
+    final = newest_checkpoint(run_dir)
+    assert final["global_step"] == 18 + 2 + 4 and final["scheduler_state_dict"]["last_epoch"] == 2 * 4
 
 
 def test_a_resume_with_another_thread_count_is_refused(tmp_path):
