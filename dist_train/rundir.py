@@ -28,12 +28,16 @@ LOCK_NAME = ".lock"
 
 
 class RunDirLock:
-    """An exclusive, non-blocking flock on RUN_DIR/.lock, held until release() or death."""
+    """An exclusive, non-blocking flock on DIRECTORY/.lock, held until release() or death: the run
+    directory's, and its checkpoints directory's (see prepare_run_dir)."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, what: str = "",
+                 advice: str = "wait for it to end, or use another --run-dir"):
         self.path = Path(run_dir) / LOCK_NAME
+        self.checkpoints: RunDirLock | None = None  # the checkpoints directory's lock, released with this one
+        what = what or f"run directory {run_dir}"
         # Not through a link (it would truncate the file it points to), nor blocking on a FIFO.
-        not_regular = UserError(f"run directory {run_dir}: {self.path} is not a regular file (a link, FIFO or "
+        not_regular = UserError(f"{what}: {self.path} is not a regular file (a link, FIFO or "
                                 "directory); remove it")
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
@@ -50,13 +54,12 @@ class RunDirLock:
             holder = os.read(self._fd, 256).decode(errors="replace").split()
             os.close(self._fd)
             who = f"PID {holder[0]} on host {holder[1]}" if len(holder) >= 2 else "another process"
-            raise UserError(f"run directory {run_dir} is in use by {who}; wait for it to end, "
-                            "or use another --run-dir") from None
+            raise UserError(f"{what} is in use by {who}; {advice}") from None
         except OSError as error:
             # Lustre without the `flock` mount option (and some FUSE filesystems) refuse flock:
             # stop rather than run unprotected.
             os.close(self._fd)
-            raise UserError(f"cannot lock run directory {run_dir} ({error.strerror}); on Lustre mount "
+            raise UserError(f"cannot lock {what} ({error.strerror}); on Lustre mount "
                             "with -o flock, or use a run directory on a filesystem that supports flock") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
@@ -66,6 +69,9 @@ class RunDirLock:
     def release(self) -> None:
         """Unlock, then close: forked children (loader workers) share the lock, and closing this
         descriptor alone would leave it held by any of them still alive."""
+        if self.checkpoints is not None:
+            self.checkpoints.release()
+            self.checkpoints = None
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             processes.parent_only(self._fd, held=False)
@@ -89,6 +95,7 @@ def prepare_run_dir(config, is_main: bool) -> tuple[Path, RunDirLock | None]:
         raise UserError(f"run directory {run_dir} is not writable: {error.strerror}") from None
     try:
         _check_writable(ckpt_dir)
+        lock.checkpoints = lock_checkpoints(ckpt_dir)
         _check_entries(ckpt_dir)
         for directory in (run_dir, ckpt_dir):  # only under the lock: no other writer is live
             remove_stale_temp_files(directory)
@@ -96,6 +103,16 @@ def prepare_run_dir(config, is_main: bool) -> tuple[Path, RunDirLock | None]:
         lock.release()
         raise
     return ckpt_dir, lock
+
+
+def lock_checkpoints(ckpt_dir: Path) -> RunDirLock:
+    """RUN_DIR/checkpoints may be a link (to a larger disk), and a job script that makes the same
+    link for two runs gives them one checkpoints directory: each would resume from, and prune, the
+    other's files, and remove its live temp files as stale. So it has a lock of its own."""
+    real = os.path.realpath(ckpt_dir)
+    where = f" (the directory {real})" if real != os.path.abspath(ckpt_dir) else ""
+    return RunDirLock(ckpt_dir, f"checkpoints directory {ckpt_dir}{where}",
+                      "another run directory's checkpoints are this directory too: give each run its own")
 
 
 def _check_writable(ckpt_dir: Path) -> None:

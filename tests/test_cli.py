@@ -108,7 +108,7 @@ def test_export_never_writes_over_a_checkpoint_and_fails_in_one_line(reference_w
         assert len(err.strip().splitlines()) == 1, err
     assert newest.read_bytes() == before
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "latest", "step_000000040.pt", "step_000000045.pt", "step_000000048.pt"]
+        ".lock", "latest", "step_000000040.pt", "step_000000045.pt", "step_000000048.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "model.pt", "run"]  # no temp file left
 
 

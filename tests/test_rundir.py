@@ -67,6 +67,31 @@ def test_stale_temp_files_are_removed_in_the_run_dir_and_checkpoints_under_the_l
         lock.release()
 
 
+def test_two_run_directories_that_share_one_checkpoints_directory_are_refused(tmp_path):
+    """RUN/checkpoints may be a link (to a larger disk); a job script that makes the same link for
+    two runs gave them one checkpoints directory under two locks: the second run resumed from the
+    first one's files, each pruned the other's, and the second one's start removed the first one's
+    live temp file (its save then failed). The checkpoints directory has a lock of its own."""
+    shared = tmp_path / "scratch" / "checkpoints"
+    shared.mkdir(parents=True)
+    first, second = SimpleNamespace(run_dir=str(tmp_path / "a")), SimpleNamespace(run_dir=str(tmp_path / "b"))
+    for config in (first, second):
+        os.makedirs(config.run_dir)
+        os.symlink(shared, os.path.join(config.run_dir, "checkpoints"))
+    _, lock = prepare_run_dir(first, is_main=True)
+    try:
+        live = shared / ".step_000000005.pt.2.cd.tmp"  # the first run's save in flight
+        live.write_bytes(b"live")
+        with pytest.raises(UserError, match=rf"^checkpoints directory {tmp_path / 'b' / 'checkpoints'} \(the "
+                                            rf"directory {shared}\) is in use by PID {os.getpid()} on host "):
+            prepare_run_dir(second, is_main=True)
+        assert live.exists()
+        RunDirLock(second.run_dir).release()  # the second run's own lock was given back
+    finally:
+        lock.release()
+    prepare_run_dir(second, is_main=True)[1].release()  # once the first run is over
+
+
 def test_temp_names_differ_between_writers(tmp_path):
     target = tmp_path / "step_000000005.pt"
     names = {temp_path(target) for _ in range(100)}
