@@ -140,10 +140,12 @@ def weights_are_finite(model: torch.nn.Module) -> bool:
 
 def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress: Progress,
                         last_loss: float, config: dict, env: DistEnv, wandb_run_id: str | None = None,
-                        writer=None, on_saved=None) -> Path | None:
+                        writer=None, on_saved=None, host_copy=to_cpu) -> Path | None:
     """Collective: every rank sends its RNG state, the main rank alone writes. Returns the path on
     the main rank once written; with a `writer` (async_save), the write goes to the background
     (after the previous one), on_saved(path) is called once it is done, and None is returned.
+    host_copy: how a save without a writer takes its tensors to the host (to_cpu, or on CUDA the
+    writer's Snapshot: pinned buffers reused from one save to the next).
 
     Nothing is written when the loss or the weights are not finite (DivergedError on every rank):
     a diverged checkpoint would push the last good ones out. A failed write (disk full, vanished
@@ -164,11 +166,11 @@ def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress:
         if problem is None:
             checkpoint = build_checkpoint(training, progress, loss_sum / env.world_size, rng_states,
                                           config, env.world_size, wandb_run_id, capture_environment(env.device),
-                                          to_host=_as_is if writer is not None else to_cpu)
-            if writer is not None:
+                                          to_host=_as_is)
+            if writer is not None:  # it takes the snapshot
                 writer.submit(checkpoint, ckpt_dir, keep, on_saved)
             else:
-                path, problem = write_checkpoint(checkpoint, ckpt_dir, keep, on_saved)
+                path, problem = write_checkpoint(host_copy(checkpoint), ckpt_dir, keep, on_saved)
     # No rank runs ahead (or reads, or prunes) while the main rank writes; all learn how it went.
     problem = broadcast_from_main(problem, env)
     if problem:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SMALL_RUN, Launch, newest_checkpoint, python_env
+from conftest import REPO, SMALL_RUN, Launch, assert_bitwise_equal, newest_checkpoint, python_env
 from dist_train import cli, exits
 from dist_train.config import UserError
 from dist_train.distributed import RankError, nondeterministic_op, pick_device, use_deterministic_kernels
@@ -88,6 +88,33 @@ def test_a_checkpoint_holds_cpu_tensors_only():
     moved = to_cpu(tree)
     assert moved["a"].device == CPU and not moved["a"].requires_grad and moved["b"][1][1] == 3
     assert isinstance(moved["b"][1], tuple)
+
+
+def test_a_synchronous_save_can_copy_into_buffers_reused_from_one_save_to_the_next(tmp_path):
+    """What a synchronous save on CUDA does (train.py hands it the writer's Snapshot, pinned there):
+    the same file as with to_cpu, from host buffers that the next save reuses rather than
+    allocating (and faulting in) fresh memory for every tensor."""
+    from dist_train.async_save import Snapshot
+    from dist_train.distributed import DistEnv
+    from dist_train.loop import build_scheduler
+    from dist_train.state import Progress, Training, save_training_state
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    training = Training(model, optimizer, build_scheduler(optimizer, "constant", 1))
+    env, snapshot = DistEnv(0, 0, 1, CPU), Snapshot()
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    plain = save_training_state(tmp_path / "a", 2, training, Progress(global_step=1), 1.0, {}, env)
+    copied = save_training_state(tmp_path / "b", 2, training, Progress(global_step=1), 1.0, {}, env,
+                                 host_copy=snapshot)
+    assert_bitwise_equal(torch.load(copied, weights_only=True), torch.load(plain, weights_only=True))
+    buffers = {key: buffer.data_ptr() for key, buffer in snapshot._buffers.items()}
+    assert ("model_state_dict", "weight") in buffers and ("optimizer_state_dict", "state", 0, "momentum_buffer") in buffers
+    save_training_state(tmp_path / "b", 2, training, Progress(global_step=2), 1.0, {}, env, host_copy=snapshot)
+    assert {key: buffer.data_ptr() for key, buffer in snapshot._buffers.items()} == buffers
 
 
 # A checkpoint as a GPU run writes it when its tensors are not copied to the CPU: every storage
