@@ -42,7 +42,7 @@ class RunDirLock:
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as error:
-            if isinstance(error, IsADirectoryError) or error.errno == errno.ELOOP:
+            if isinstance(error, IsADirectoryError) or error.errno in (errno.ELOOP, errno.ENXIO):  # ENXIO: a socket
                 raise not_regular from None
             raise
         if not stat.S_ISREG(os.fstat(self._fd).st_mode):
@@ -111,8 +111,12 @@ def lock_checkpoints(ckpt_dir: Path) -> RunDirLock:
     other's files, and remove its live temp files as stale. So it has a lock of its own."""
     real = os.path.realpath(ckpt_dir)
     where = f" (the directory {real})" if real != os.path.abspath(ckpt_dir) else ""
-    return RunDirLock(ckpt_dir, f"checkpoints directory {ckpt_dir}{where}",
-                      "another run directory's checkpoints are this directory too: give each run its own")
+    what = f"checkpoints directory {ckpt_dir}{where}"
+    try:
+        return RunDirLock(ckpt_dir, what, "another run directory's checkpoints are this directory too: give "
+                                          "each run its own")
+    except OSError as error:
+        raise UserError(f"{what} is not writable: {error.strerror}") from None
 
 
 def _check_writable(ckpt_dir: Path) -> None:

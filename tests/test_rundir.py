@@ -22,7 +22,7 @@ def test_a_second_holder_is_refused_with_the_first_ones_pid_and_host(tmp_path):
     RunDirLock(tmp_path).release()  # released: the next one takes it
 
 
-@pytest.mark.parametrize("kind", ["link to a file", "dangling link", "FIFO", "directory"])
+@pytest.mark.parametrize("kind", ["link to a file", "dangling link", "FIFO", "directory", "socket"])
 def test_a_lock_file_that_is_not_a_regular_file_is_refused_untouched(tmp_path, kind):
     """RUN/.lock is truncated and given the holder's PID: as a link (a run directory copied with
     `cp -rs`, or planted) it truncated the file it pointed to, or created one where the link led."""
@@ -37,6 +37,10 @@ def test_a_lock_file_that_is_not_a_regular_file_is_refused_untouched(tmp_path, k
         lock.symlink_to(victim)
     elif kind == "FIFO":
         os.mkfifo(lock)
+    elif kind == "socket":  # opening one fails (ENXIO): it was a traceback
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(lock))
+        server.close()
     else:
         lock.mkdir()
     with pytest.raises(UserError, match=rf"^run directory {run_dir}: {lock} is not a regular file"):
