@@ -64,8 +64,8 @@ class Config:
     deterministic: bool = _opt(True, "deterministic CUDA kernels, needed for bit-exact resume on GPU")
     eval: bool = _opt(True, "evaluate on the test split after each epoch")
     log_every_steps: int = _opt(50, "log the training loss every N steps")
-    stop_check_every_steps: int = _opt(10, "ranks agree on a pending SIGUSR1/SIGTERM every N steps "
-                                           "(a collective; it overlaps training)")
+    stop_check_every_steps: int = _opt(10, "ranks agree on a pending SIGUSR1/SIGTERM every N steps, or "
+                                           "every 5 s of steps if sooner (a collective; it overlaps training)")
     log_level: str = _opt("INFO", "logging level of the main rank (other ranks log warnings and errors), "
                                   "in any case", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper)
     wandb_project: str | None = _opt(None, "log to this wandb project (main rank only); off when unset",

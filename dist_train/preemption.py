@@ -92,23 +92,37 @@ class SaveClock:
         return True
 
 
+# A stop request is agreed on at most ~2 agreements after the signal; agreements come at least this
+# often (in seconds of steps), whatever --stop-check-every-steps says, so that slow steps (a large
+# model, 10 s a step) still stop within SLURM's and torchrun's grace of 30 s after SIGTERM.
+AGREE_WITHIN_S = 5.0
+
+
 class StopAgreement:
     """Every rank learns the strongest stop request of all ranks at the same step boundary, and
     whether the main rank wants a timed save or saw its background write fail.
 
-    Every `every` steps a MAX all-reduce starts on a gloo group, asynchronously; the result is
-    read `every` steps later, so the collective overlaps training and never waits for the GPU.
-    A stop therefore comes 1 to 2*`every` steps after the signal, at the same step on every rank;
+    At agreement boundaries a MAX all-reduce starts on a gloo group, asynchronously; the result is
+    read at the next one, so the collective overlaps training and never waits for the GPU. A stop
+    therefore comes one to two agreements after the signal, at the same step on every rank;
     likewise a timed save, so that every rank enters the (collective) save at the same step.
+
+    Agreements come every `every` steps, or more often where steps are slow: the main rank times
+    the steps and sends, with each agreement, how many steps make AGREE_WITHIN_S seconds (at most
+    `every`); every rank reads it at the same boundary and keeps to it from there. The first
+    agreement is at the first step, before any step is timed. Training never depends on when
+    ranks agree, so neither do its bits.
     """
 
-    def __init__(self, env: DistEnv, every: int = 1):
+    def __init__(self, env: DistEnv, every: int = 1, within_s: float = AGREE_WITHIN_S, clock=time.monotonic):
         import torch.distributed as dist
 
-        self.env, self.every = env, every
+        self.env, self.every, self.within_s, self._clock = env, every, within_s, clock
         self._group = dist.new_group(backend="gloo") if env.distributed else None
         self._pending = None  # (work, tensor) of the all-reduce in flight
         self._boundaries = 0
+        self.interval, self._next_at = 1, 1  # steps between agreements; the boundary of the next one
+        self._timed_from = (0, clock())  # (boundary, time) the main rank times the steps from
         self._save_due = self._save_failed = False  # to send at the next agreement
         self._launcher = os.getppid() if launched_by_torchrun() else None
 
@@ -126,19 +140,33 @@ class StopAgreement:
         self._boundaries += 1
         # Kept until sent: the clock says "due" once, perhaps between two agreements.
         self._save_due, self._save_failed = self._save_due or save_due, self._save_failed or save_failed
-        if self._boundaries % self.every:
+        if self._boundaries < self._next_at:
             return Agreed()
         agreed = Agreed()
         if self._pending is not None:
             work, tensor = self._pending
             work.wait()
-            request, due, failed = tensor.tolist()
+            request, due, failed, interval = tensor.tolist()
             agreed = Agreed(request, bool(due), bool(failed))
-        tensor = torch.tensor([local_request, int(self._save_due), int(self._save_failed)], dtype=torch.int32)
+            self.interval = interval  # the main rank's, on every rank at this boundary
+        self._next_at = self._boundaries + self.interval
+        tensor = torch.tensor([local_request, int(self._save_due), int(self._save_failed), self._proposal()],
+                              dtype=torch.int32)
         self._save_due = False
         self._pending = (dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._group, async_op=True),
                          tensor)
         return agreed
+
+    def _proposal(self) -> int:
+        """The main rank's: as many steps as take AGREE_WITHIN_S at the pace since the last
+        agreement, 1 to `every` (the other ranks send 0; MAX keeps the main rank's)."""
+        if not self.env.is_main:
+            return 0
+        now, (boundary, then) = self._clock(), self._timed_from
+        self._timed_from = (self._boundaries, now)
+        step_s = (now - then) / max(1, self._boundaries - boundary)
+        most = min(self.every, 2**31 - 1)  # sent as an int32
+        return max(1, min(most, int(self.within_s / step_s))) if step_s > 0 else most
 
     def close(self) -> None:
         """Wait for the all-reduce in flight, so no rank leaves one unanswered."""

@@ -1,5 +1,6 @@
 """--save-every-minutes: the main rank's clock decides, the stop agreement carries it, so every
-rank enters the (collective) save at the same step; a run with timed saves resumes bit for bit."""
+rank enters the (collective) save at the same step; a run with timed saves resumes bit for bit.
+The agreement's own pace: every --stop-check-every-steps steps, more often where steps are slow."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.multiprocessing as mp
 from conftest import SMALL_RUN, assert_same_training_state, free_port, kill_and_resume, newest_checkpoint
 
 from dist_train.distributed import DistEnv
-from dist_train.preemption import NONE, StopAgreement
+from dist_train.preemption import NONE, TERMINATE, StopAgreement
 
 
 def _rank_main(rank: int, tmp: str, port: int) -> None:
@@ -47,3 +48,39 @@ def test_a_two_rank_run_with_timed_saves_resumes_bit_exactly(reference_ws2, tmp_
     resumed_from = int(outputs[1].split("resuming from")[1].split("step_")[1][:9])
     assert 0 < resumed_from < 12  # a timed save mid-epoch 0 (no periodic saves in this run)
     assert_same_training_state(newest_checkpoint(run_dir), newest_checkpoint(reference_ws2))
+
+
+# (seconds a step on the main rank's clock, --stop-check-every-steps): the step at which a SIGTERM
+# that rank 1 got at step 20 is agreed on. Fast steps: the agreements of steps 12, 22, 32 (sent at
+# 22, read at 32). 3 s a step: one agreement a step, as 10 steps would take 30 s (it took 30 s
+# more before, past torchrun's and SLURM's 30 s of grace). 1 s a step: every 5 steps, however
+# many the flag allows (10**12 overflowed the int32 it is sent as).
+PACES = [(0.001, 10, 32), (3.0, 10, 21), (1.0, 10**12, 27)]
+
+
+def _paced_main(rank: int, tmp: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        stopped = []
+        for step_s, every, _ in PACES:
+            now = [0.0]
+            agreement = StopAgreement(DistEnv(rank, rank, 2, torch.device("cpu")), every=every, within_s=5.0,
+                                      clock=lambda: now[0] if rank == 0 else 1e9)  # the main rank's counts
+            stop = None
+            for step in range(1, 45):
+                now[0] = step * step_s
+                request = TERMINATE if rank == 1 and step >= 20 else NONE
+                if agreement.poll(request).request != NONE and stop is None:
+                    stop = step
+            agreement.close()
+            stopped.append(stop)
+        torch.save(stopped, f"{tmp}/stopped_{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_slow_steps_are_agreed_on_more_often_so_a_stop_comes_within_seconds(tmp_path):
+    mp.start_processes(_paced_main, args=(str(tmp_path), free_port()), nprocs=2, start_method="spawn")
+    stopped = [torch.load(tmp_path / f"stopped_{rank}.pt") for rank in (0, 1)]
+    assert stopped[0] == stopped[1] == [expected for _, _, expected in PACES]
