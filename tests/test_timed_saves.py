@@ -16,25 +16,34 @@ from dist_train.distributed import DistEnv
 from dist_train.preemption import NONE, TERMINATE, StopAgreement
 
 
-def _rank_main(rank: int, tmp: str, port: int) -> None:
+def _on_rank(rank: int, body, tmp: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        agreement = StopAgreement(DistEnv(rank, rank, 2, torch.device("cpu")), every=2)
-        saved_at = []
-        for step in range(1, 30):
-            due = rank == 0 and step in (3, 4, 11)  # only the main rank's clock counts
-            if agreement.poll(NONE, save_due=due).save_due:
-                saved_at.append(step)
-        agreement.close()
-        torch.save(saved_at, f"{tmp}/saved_at_{rank}.pt")
+        torch.save(body(DistEnv(rank, rank, 2, torch.device("cpu"))), f"{tmp}/result_{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
+def on_two_ranks(body, tmp_path) -> list:
+    """body(env) on two real gloo ranks (spawned processes); what each rank returned."""
+    mp.start_processes(_on_rank, args=(body, str(tmp_path), free_port()), nprocs=2, start_method="spawn")
+    return [torch.load(tmp_path / f"result_{rank}.pt") for rank in (0, 1)]
+
+
+def _steps_with_a_timed_save(env: DistEnv) -> list[int]:
+    agreement = StopAgreement(env, every=2)
+    saved_at = []
+    for step in range(1, 30):
+        due = env.rank == 0 and step in (3, 4, 11)  # only the main rank's clock counts
+        if agreement.poll(NONE, save_due=due).save_due:
+            saved_at.append(step)
+    agreement.close()
+    return saved_at
+
+
 def test_every_rank_learns_of_a_timed_save_at_the_same_step(tmp_path):
-    mp.start_processes(_rank_main, args=(str(tmp_path), free_port()), nprocs=2, start_method="spawn")
-    saved_at = [torch.load(tmp_path / f"saved_at_{rank}.pt") for rank in (0, 1)]
+    saved_at = on_two_ranks(_steps_with_a_timed_save, tmp_path)
     assert saved_at[0] == saved_at[1]
     assert saved_at[0] == [6, 14]  # sent at the agreement of steps 4 and 12, read 2 steps later
 
@@ -58,29 +67,23 @@ def test_a_two_rank_run_with_timed_saves_resumes_bit_exactly(reference_ws2, tmp_
 PACES = [(0.001, 10, 32), (3.0, 10, 21), (1.0, 10**12, 27)]
 
 
-def _paced_main(rank: int, tmp: str, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        stopped = []
-        for step_s, every, _ in PACES:
-            now = [0.0]
-            agreement = StopAgreement(DistEnv(rank, rank, 2, torch.device("cpu")), every=every, within_s=5.0,
-                                      clock=lambda: now[0] if rank == 0 else 1e9)  # the main rank's counts
-            stop = None
-            for step in range(1, 45):
-                now[0] = step * step_s
-                request = TERMINATE if rank == 1 and step >= 20 else NONE
-                if agreement.poll(request).request != NONE and stop is None:
-                    stop = step
-            agreement.close()
-            stopped.append(stop)
-        torch.save(stopped, f"{tmp}/stopped_{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _steps_to_a_stop_at_each_pace(env: DistEnv) -> list[int]:
+    stopped = []
+    for step_s, every, _ in PACES:
+        now = [0.0]
+        agreement = StopAgreement(env, every=every, within_s=5.0,
+                                  clock=lambda: now[0] if env.rank == 0 else 1e9)  # the main rank's counts
+        stop = None
+        for step in range(1, 45):
+            now[0] = step * step_s
+            request = TERMINATE if env.rank == 1 and step >= 20 else NONE
+            if agreement.poll(request).request != NONE and stop is None:
+                stop = step
+        agreement.close()
+        stopped.append(stop)
+    return stopped
 
 
 def test_slow_steps_are_agreed_on_more_often_so_a_stop_comes_within_seconds(tmp_path):
-    mp.start_processes(_paced_main, args=(str(tmp_path), free_port()), nprocs=2, start_method="spawn")
-    stopped = [torch.load(tmp_path / f"stopped_{rank}.pt") for rank in (0, 1)]
+    stopped = on_two_ranks(_steps_to_a_stop_at_each_pace, tmp_path)
     assert stopped[0] == stopped[1] == [expected for _, _, expected in PACES]
