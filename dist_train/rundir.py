@@ -120,6 +120,13 @@ def lock_checkpoints(ckpt_dir: Path) -> RunDirLock:
 
 
 def _check_writable(ckpt_dir: Path) -> None:
+    if ckpt_dir.is_symlink() and not ckpt_dir.is_dir():
+        # A scratch directory the link led to was purged, say: making it anew would start the run
+        # afresh and hide that its checkpoints are gone.
+        target = os.path.realpath(ckpt_dir)
+        what = "which does not exist" if not os.path.lexists(target) else "which is not a directory"
+        raise UserError(f"{ckpt_dir} is a link to {target}, {what}: restore the directory to resume from its "
+                        "checkpoints, or create it (or remove the link) to start afresh")
     try:
         ckpt_dir.mkdir(exist_ok=True)
         probe = temp_path(ckpt_dir / WRITE_TEST)

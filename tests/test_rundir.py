@@ -96,6 +96,25 @@ def test_two_run_directories_that_share_one_checkpoints_directory_are_refused(tm
     prepare_run_dir(second, is_main=True)[1].release()  # once the first run is over
 
 
+@pytest.mark.parametrize("target", ["gone", "file"])
+def test_a_checkpoints_link_to_nothing_or_to_a_file_is_named_as_such(tmp_path, target):
+    """RUN/checkpoints linked to a scratch directory that a purge removed: the run said "not
+    writable: File exists". It must not start afresh either (creating the target would hide that
+    the checkpoints are gone): one line naming the link and where it leads."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    scratch = tmp_path / "scratch" / "ckpt"
+    if target == "file":
+        scratch.parent.mkdir()
+        scratch.write_text("")
+    (run_dir / "checkpoints").symlink_to(scratch)
+    expected = "which does not exist" if target == "gone" else "which is not a directory"
+    with pytest.raises(UserError, match=rf"^{run_dir / 'checkpoints'} is a link to {scratch}, {expected}"):
+        prepare_run_dir(SimpleNamespace(run_dir=str(run_dir)), is_main=True)
+    assert scratch.exists() == (target == "file") and not scratch.is_dir()
+    RunDirLock(run_dir).release()  # the run directory's lock was given back
+
+
 def test_temp_names_differ_between_writers(tmp_path):
     target = tmp_path / "step_000000005.pt"
     names = {temp_path(target) for _ in range(100)}
