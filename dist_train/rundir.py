@@ -189,6 +189,12 @@ def check_config_file(run_dir) -> None:
                         "would replace it: use another --run-dir, or move the file away")
 
 
+def last_launch_config(run_dir) -> dict | None:
+    """The configuration RUN_DIR/config.json records (the last launch's), or None."""
+    record = _load_record(Path(run_dir) / "config.json")
+    return record if isinstance(record, dict) and _OUR_CONFIG_KEYS <= record.keys() else None
+
+
 def write_config_file(config) -> None:
     """The effective configuration, as RUN_DIR/config.json."""
     write_run_file(Path(config.run_dir) / "config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -56,13 +56,18 @@ class NullTracker:
 
 
 class WandbTracker:
-    def __init__(self, config, run_id: str | None):
+    def __init__(self, config, run_id: str | None, another_training: str | None = None):
         import wandb
 
         run_dir = Path(config.run_dir)
         wandb_dir = config.wandb_dir or str(run_dir)  # --wandb-dir, else $WANDB_DIR, else the run's
         self._state_path = run_dir / "wandb.json"
         state = self._read_state()
+        if another_training and state.get("run_id"):
+            # Going on in it would drop this training's steps up to its last one as sent already.
+            log.warning("wandb run %s logged another training (%s); this run starts afresh in a wandb run "
+                        "of its own", state["run_id"], another_training)
+            state = {}
         self.run_id = state.get("run_id") or run_id or uuid.uuid4().hex[:12]
         self._logged = state.get("logged", {})
         self._write_state()  # the id is on disk before the run exists anywhere
@@ -333,10 +338,12 @@ def check_wandb_dir(config) -> None:
                         f"{existing} {problem}")
 
 
-def build_tracker(config, is_main: bool, checkpoint_run_id: str | None = None):
+def build_tracker(config, is_main: bool, checkpoint_run_id: str | None = None, another_training: str | None = None):
+    """another_training: what changed since the training that RUN_DIR/wandb.json's run logged,
+    for a run that starts afresh with other settings (it gets a wandb run of its own)."""
     if not is_main or not uses_wandb(config):
         return NullTracker()
-    return WandbTracker(config, checkpoint_run_id)
+    return WandbTracker(config, checkpoint_run_id, another_training)
 
 
 class ProgressReport:

@@ -27,7 +27,7 @@ from dist_train.loop import build_scheduler, evaluate, train_steps
 from dist_train.models import build_model, check_model_takes, one_image_problem, unwrap
 from dist_train.preemption import (INTERRUPT, NONE, REQUEUE, TERMINATE, SaveClock, StopAgreement, StopFlag,
                                    requeue_slurm_job, restart_count)
-from dist_train.rundir import check_config_file, prepare_run_dir, write_config_file
+from dist_train.rundir import check_config_file, last_launch_config, prepare_run_dir, write_config_file
 from dist_train.rng import restore_rng_of_rank, rng_state_at_step, seed_everything, seed_step
 from dist_train.state import (Progress, Training, apply_checkpoint, apply_optimizer_settings, build_checkpoint,
                               capture_environment, choose_resume_checkpoint, place_schedule, rescale_progress,
@@ -200,7 +200,7 @@ def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path, writer
                      config.run_dir, config.epochs, progress.global_step)
             return exits.COMPLETE
 
-        tracker = start_tracker(config, env, wandb_run_id)
+        tracker = start_tracker(config, env, wandb_run_id, progress)
         count_this_launch(config, env, progress)
         if env.is_main:
             write_config_file(config)  # only now: a refused resume leaves the old one in place
@@ -295,18 +295,30 @@ def check_ranks_agree(config: Config, env) -> None:
         raise UserError(problem)
 
 
-def start_tracker(config: Config, env, wandb_run_id: str | None):
+def start_tracker(config: Config, env, wandb_run_id: str | None, progress: Progress):
     """Collective: the main rank's tracker (wandb), or on every rank the UserError that stopped it
     (no wandb login): the other ranks would otherwise wait for the main one at the first step."""
     tracker, problem = NullTracker(), None
     try:
-        tracker = build_tracker(config, env.is_main, wandb_run_id)
+        tracker = build_tracker(config, env.is_main, wandb_run_id, another_training(config, env, progress))
     except UserError as error:
         problem = str(error)
     problem = distributed.broadcast_from_main(problem, env)
     if problem:
         raise UserError(problem)
     return tracker
+
+
+def another_training(config: Config, env, progress: Progress) -> str | None:
+    """A run that starts afresh (no checkpoint: deleted, or none written yet) with other settings
+    than its run directory's last launch trains something else than what RUN_DIR/wandb.json's
+    wandb run logged: the settings that changed, else None. With the same settings its steps are
+    the same to the bit, and that wandb run goes on."""
+    if progress.global_step or not env.is_main:
+        return None
+    last = last_launch_config(config.run_dir)
+    changes = config_differences(last, env.world_size, config, env.world_size) if last else []
+    return "; ".join(changes) or None
 
 
 def count_this_launch(config: Config, env, progress: Progress) -> None:

@@ -409,3 +409,30 @@ def test_a_wandb_server_out_of_reach_at_start_records_offline_and_trains(tmp_pat
     assert re.search(r"INFO wandb run \w+ \(offline mode\)", out), out[-3000:]
     (offline,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     assert read_run(offline)["run_id"] == json.loads((run_dir / "wandb.json").read_text())["run_id"]
+
+
+def test_a_fresh_start_with_other_settings_logs_to_a_wandb_run_of_its_own(tmp_path):
+    """Checkpoints deleted (or none written yet) and the run launched again: with the same settings
+    its steps are the same to the bit, so the wandb run goes on without sending them twice. With
+    other settings the wandb run went on too: the new training's steps up to the old last one were
+    dropped as sent already (here all 4), and the run's history mixed two trainings."""
+    run_dir = tmp_path / "run"
+    args = ["--device", "cpu", "--dataset", "fake", "--fake-size", "64", "--batch-size", "16", "--epochs", "1",
+            "--num-workers", "0", "--no-eval", "--log-every-steps", "1", "--run-dir", str(run_dir),
+            "--wandb-project", "dist-train-tests", "--wandb-mode", "offline"]  # 4 steps
+
+    def launch(*extra) -> tuple[str, str, list]:
+        for path in (run_dir / "checkpoints").glob("step_*.pt"):
+            path.unlink()  # deleted to start afresh
+        out = run(args + list(extra)).stdout
+        run_id = json.loads((run_dir / "wandb.json").read_text())["run_id"]
+        newest = read_run(sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-*.wandb"))[-1])  # by time
+        return out, run_id, [row["_step"] for row in newest["history"] if "train/loss" in row]
+
+    _, first, steps = launch()
+    assert steps == [1, 2, 3, 4]
+    out, again, steps = launch()
+    assert again == first and steps == [] and "afresh" not in out  # the same steps: not sent twice
+    out, other, steps = launch("--lr", "0.05")
+    assert other != first and steps == [1, 2, 3, 4], out[-3000:]
+    assert f"wandb run {first} logged another training (lr: 0.01 -> 0.05)" in out, out[-3000:]
