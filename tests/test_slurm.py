@@ -108,8 +108,10 @@ def reference_ws2_slurm(tmp_path_factory) -> dict:
 
 def test_sweep_array_usr1_requeues_and_resumes_bit_exactly(slurm, jobs_dir, time_limit_job, reference_of_seed):
     (jobs_dir / "sweep.txt").write_text("# seed per task\n--seed 1\n--seed 2\n")
+    # Paced (a test-only 40 ms sleep after each step, as the chain's): unpaced, task 1 once finished
+    # all 192 steps in 2 s, before the signals to task 0 were sent and its own could be.
     job = submit(slurm, jobs_dir, ["--array=0-1", "--time=10", "--cpus-per-task=1", "--output=sweep-%A_%a.out"],
-                 "sweep.sbatch", SLURM_RUN + ["--sweep-file", "sweep.txt"])
+                 "sweep.sbatch", SLURM_RUN + ["--sweep-file", "sweep.txt"], extra_env="DIST_TRAIN_INJECT_FAULT=slow@0:40")
     for task in (0, 1):
         wait_for_text(jobs_dir / f"sweep-{job}_{task}.out", "step 3 batch")
         # As --signal=USR1@N does: to the job step (every rank and loader worker), and twice.
