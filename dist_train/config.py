@@ -351,8 +351,10 @@ def rank_settings(config: Config, environment: dict) -> dict:
 
 def rank_differences(main: dict, other: dict, rank: int) -> list[str]:
     """'what: X on rank 0, Y on rank N' for each setting of rank_settings that differs."""
-    names = {**{key: key for key in main["config"]}, **ENVIRONMENT_NAMES}
-    return [f"{names.get(key, key)}: {main[part][key]!r} on rank 0, {other[part].get(key)!r} on rank {rank}"
+    def name(part: str, key: str) -> str:  # `deterministic` is a flag and a recorded part of the environment
+        return ENVIRONMENT_NAMES.get(key, key) if part == "environment" else key
+
+    return [f"{name(part, key)}: {main[part][key]!r} on rank 0, {other[part].get(key)!r} on rank {rank}"
             for part in ("config", "environment") for key in main[part] if main[part][key] != other[part].get(key)]
 
 

@@ -177,22 +177,20 @@ def read_run_record(path: Path, is_record, what: str) -> dict:
     return record
 
 
+def last_launch_config(run_dir) -> dict | None:
+    """The configuration RUN_DIR/config.json records (the last launch's), or None where there is
+    none or the file is not a run's."""
+    record = _load_record(Path(run_dir) / "config.json")
+    return record if isinstance(record, dict) and _OUR_CONFIG_KEYS <= record.keys() else None
+
+
 def check_config_file(run_dir) -> None:
     """RUN_DIR/config.json, where there is one, must be a run's: a run directory may be a project
     or model directory too (`--run-dir .`), whose config.json a run would replace."""
     path = Path(run_dir) / "config.json"
-    if not os.path.lexists(path):
-        return
-    record = _load_record(path)
-    if not (isinstance(record, dict) and _OUR_CONFIG_KEYS <= record.keys()):
+    if os.path.lexists(path) and last_launch_config(run_dir) is None:
         raise UserError(f"{path} is not a dist_train configuration (another program's file?) and a run "
                         "would replace it: use another --run-dir, or move the file away")
-
-
-def last_launch_config(run_dir) -> dict | None:
-    """The configuration RUN_DIR/config.json records (the last launch's), or None."""
-    record = _load_record(Path(run_dir) / "config.json")
-    return record if isinstance(record, dict) and _OUR_CONFIG_KEYS <= record.keys() else None
 
 
 def write_config_file(config) -> None:
