@@ -10,7 +10,9 @@
     while the writer writes, any wait at the end), against dd+fsync of the same bytes; the writer
     the template picks (a process on CPU, a thread on CUDA); on CPU a thread writer too, in the
     same rounds, for comparison. Each step after a save is compared with the same step of a
-    control stretch without a save, in the same round; medians per step over the rounds.
+    control stretch without a save, in the same round; medians per step over the rounds, and the
+    figure's standard error (bootstrap over the rounds): a step's time varies by ~20% here, so
+    two runs of 30 rounds may land ~0.1 dd+fsync apart.
 (e) Time to the first logged step of a whole process: resumed from a checkpoint / fresh.
 (f) Bytes read (/proc/self/io rchar) per resume per rank, 4 ranks (gloo), --read-once on and off.
 (g) The stop agreement's cost per step (bench/agreement_overhead.py under torchrun, 2 ranks).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -174,13 +177,33 @@ def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
 
 def lost_per_save(timed: dict, control: dict) -> tuple[list[float], float, str]:
     """Each round's loss (submit + the steps' excess over the control's + the wait), the figure
-    (the median submit, plus each step's median excess, plus the median wait), and its parts."""
+    (the median submit, plus each step's median excess, plus the median wait), and its parts,
+    with the figure's standard error."""
     excess = [[t - c for t, c in zip(steps, control_steps)] for steps, control_steps in zip(timed["steps"], control["steps"])]
     rounds = [s + sum(e) + w for s, e, w in zip(timed["submit"], excess, timed["wait"])]
-    parts = [statistics.median(timed["submit"]),
-             *(statistics.median(t) - statistics.median(c) for t, c in zip(zip(*timed["steps"]), zip(*control["steps"]))),
-             statistics.median(timed["wait"])]
-    return rounds, sum(parts), "submit " + " + steps ".join(f"{part:.3f}" for part in parts[:-1]) + f" + wait {parts[-1]:.3f}"
+    parts = loss_parts(timed, control, range(len(rounds)))
+    return rounds, sum(parts), ("submit " + " + steps ".join(f"{part:.3f}" for part in parts[:-1])
+                                + f" + wait {parts[-1]:.3f}; standard error {standard_error(timed, control):.3f}")
+
+
+def loss_parts(timed: dict, control: dict, chosen) -> list[float]:
+    """The median submit, each step's median time less the control's at the same place, the
+    median wait, over the rounds `chosen` (indices, repeats allowed)."""
+    pick = lambda values: [values[i] for i in chosen]  # noqa: E731
+    steps, control_steps = pick(timed["steps"]), pick(control["steps"])
+    return [statistics.median(pick(timed["submit"])),
+            *(statistics.median(t) - statistics.median(c) for t, c in zip(zip(*steps), zip(*control_steps))),
+            statistics.median(pick(timed["wait"]))]
+
+
+def standard_error(timed: dict, control: dict, resamples: int = 1000) -> float:
+    """(d)'s standard error, by the bootstrap: the figure again over rounds drawn with
+    replacement (each with its control). On a shared host a step's time varies by ~20%, and a
+    round's loss is a difference of step times; this says how far apart two runs may land."""
+    rng, count = random.Random(0), len(timed["submit"])
+    figures = [sum(loss_parts(timed, control, [rng.randrange(count) for _ in range(count)]))
+               for _ in range(resamples)]
+    return statistics.stdev(figures)
 
 
 def first_step_wall(args: list[str]) -> float:
