@@ -1,7 +1,7 @@
 """What saving and resuming cost, as ratios to references measured side by side in one run.
 
     python bench/saves.py              # several minutes on 2 CPU cores
-    python bench/saves.py --model resnet18 resnet50 --rounds 20   # 24 minutes there
+    python bench/saves.py --model resnet18 resnet50 --rounds 30   # 8 minutes there (2026-12-03)
 
 (c) A synchronous save (saving.save_checkpoint: temp file, fsync, rename, `latest`, prune;
     the pruned file's unlink runs in the background) against `dd ... conv=fsync` of the same
