@@ -7,6 +7,7 @@ World size 1 needs no process group: every collective here is a no-op there, so 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 import subprocess
@@ -55,6 +56,22 @@ def discover_ranks(environ=os.environ) -> tuple[int, int, int]:
                             "or unset RANK and WORLD_SIZE to run one process")
         master_port(environ)
     return rank, local_rank, world_size
+
+
+def tell_torchrun(line: str, environ=os.environ) -> None:
+    """Under torchrun: `line` into this rank's error file (TORCHELASTIC_ERROR_FILE), which the
+    agent reads when the rank exits non-zero and prints in its failure summary (a message given as
+    a string is shown as it is). Best effort: the line was printed already. torchrun names a file
+    that does not exist yet; an existing file (the variable set by hand to something else) is
+    never overwritten."""
+    path = environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "x") as f:
+            json.dump({"message": line, "timestamp": str(int(time.time()))}, f)
+    except OSError:
+        pass
 
 
 def master_port(environ) -> int:

@@ -416,15 +416,21 @@ def main(argv: list[str] | None = None, stop_flag: StopFlag | None = None) -> in
         is_main = distributed.discover_ranks()[0] == 0
         return train(parse_config(argv), stop_flag)
     except RUN_ERRORS as error:
-        if is_main or isinstance(error, distributed.RankError):
-            print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+        return fail(f"error: {error}", error.exit_code, is_main or isinstance(error, distributed.RankError))
     except RuntimeError as error:
         op = distributed.nondeterministic_op(error)
         if op is None:
             raise
-        if is_main:
-            print(f"error: {op} has no deterministic implementation, and --deterministic (the default) "
-                  "refuses it because it would break the bit-exact resume; pass --no-deterministic to "
-                  "train with it anyway (resumes are then not bit for bit)", file=sys.stderr)
-        return exits.USER_ERROR
+        return fail(f"error: {op} has no deterministic implementation, and --deterministic (the default) "
+                    "refuses it because it would break the bit-exact resume; pass --no-deterministic to "
+                    "train with it anyway (resumes are then not bit for bit)", exits.USER_ERROR, is_main)
+
+
+def fail(line: str, exit_code: int, shown: bool) -> int:
+    """The run's one line on stderr (from the main rank, or from each rank where each has its
+    own), and under torchrun in the rank's error file too, where torchrun's failure summary shows
+    it in place of a link to its docs. The exit code to return."""
+    if shown:
+        print(line, file=sys.stderr)
+    distributed.tell_torchrun(line)
+    return exit_code

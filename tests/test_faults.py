@@ -105,4 +105,24 @@ def test_a_rank_that_runs_with_other_settings_than_the_main_rank_is_refused(tmp_
     assert out.returncode == 1 and f"(exitcode: {exits.USER_ERROR})" in out.stdout, out.stdout[-3000:]
     (line,) = [line for line in out.stdout.splitlines() if line.startswith("error:")]
     assert "rank 1 of 2 does not run with the main rank's settings" in line and named in line, line
+    # torchrun's failure summary shows the line (each rank's error file), not a link to its docs
+    assert out.stdout.count(f"traceback : {line}") == 2 and "To enable traceback" not in out.stdout, out.stdout[-3000:]
     assert not list((run_dir / "checkpoints").glob("step_*")) and not (run_dir / "config.json").exists()
+
+
+def test_the_error_line_goes_into_torchruns_error_file_and_never_over_another_file(tmp_path):
+    """torchrun's agent reads the file it named in TORCHELASTIC_ERROR_FILE; the line is its message.
+    A file that exists already (the variable set by hand) is left as it was."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from dist_train.distributed import tell_torchrun
+
+    path = tmp_path / "error.json"
+    line = "error: --lr must be positive"
+    tell_torchrun(line, {"TORCHELASTIC_ERROR_FILE": str(path)})
+    assert ProcessFailure(local_rank=0, pid=1, exitcode=exits.USER_ERROR, error_file=str(path)).message == line
+    other = tmp_path / "precious"
+    other.write_text("keep")
+    tell_torchrun(line, {"TORCHELASTIC_ERROR_FILE": str(other)})
+    assert other.read_text() == "keep"
+    tell_torchrun(line, {})  # not under torchrun: nothing to do
