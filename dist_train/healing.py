@@ -147,12 +147,18 @@ def abort_process_group() -> None:
         log.error("could not abort the process group: %s", error)
 
 
-def is_peer_failure(error: BaseException) -> bool:
-    """A collective failed because a peer went away (gloo reports it at once)."""
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+              "Timed out waiting", "NCCL communicator was aborted", "ProcessGroup is aborted")
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """What says that a collective failed because a peer went away (gloo reports it at once), or None."""
     text = str(error)
-    return any(marker in text for marker in ("Connection closed by peer", "Connection reset by peer",
-                                             "Broken pipe", "Connection refused", "Timed out waiting",
-                                             "NCCL communicator was aborted", "ProcessGroup is aborted"))
+    return next((marker for marker in _PEER_GONE if marker in text), None)
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    return peer_failure(error) is not None
 
 
 # What each signal kind sends: a dead rank, a hung rank, and the stop requests (SLURM's time-limit

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import SMALL_RUN, TRAIN, Launch, assert_same_training_state, newest_checkpoint, process_tree, run
 
-from dist_train import exits
+from dist_train import exits, healing
 
 
 def worker_pid(agent_pid: int, rank: int) -> int:
@@ -108,6 +108,32 @@ def test_a_rank_that_runs_with_other_settings_than_the_main_rank_is_refused(tmp_
     # torchrun's failure summary shows the line (each rank's error file), not a link to its docs
     assert out.stdout.count(f"traceback : {line}") == 2 and "To enable traceback" not in out.stdout, out.stdout[-3000:]
     assert not list((run_dir / "checkpoints").glob("step_*")) and not (run_dir / "config.json").exists()
+
+
+# torchrun's entry point for the test below: rank 1 dies at start-up, at the first collective.
+RANK_1_DIES_AT_START = """
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+if os.environ["RANK"] == "1":
+    import dist_train.train
+    dist_train.train.check_ranks_agree = lambda *args: os._exit(9)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_rank_that_dies_at_start_up_is_one_line_on_the_others_not_a_traceback(tmp_path):
+    """In the loop a peer's death is a survivor's save and exit 76; before it (and after it) the
+    collective's RuntimeError was a traceback on the other ranks, exit 1 (a crash) under srun."""
+    script = tmp_path / "rank_1_dies.py"
+    script.write_text(RANK_1_DIES_AT_START)
+    run_dir = tmp_path / "run"
+    out = run([str(TRAIN), *SMALL_RUN, "--num-workers", "0", "--run-dir", str(run_dir)], nproc=2, script=script,
+              check=False)
+    # (torchrun's own traceback, of its ChildFailedError, stays: rank 1 exited 9)
+    assert "[rank0]: Traceback" not in out.stdout and "RuntimeError" not in out.stdout, out.stdout[-3000:]
+    (line,) = [line for line in out.stdout.splitlines() if line.startswith("error:")]
+    assert "another rank went away outside the training loop" in line and healing.peer_failure(Exception(line)), line
+    assert not list((run_dir / "checkpoints").glob("step_*"))
 
 
 def test_the_error_line_goes_into_torchruns_error_file_and_never_over_another_file(tmp_path):
