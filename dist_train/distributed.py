@@ -193,8 +193,17 @@ def attempt_store(rank: int, world_size: int):
     torchrun keeps one store across restarts of a worker group; without a per-attempt prefix a
     restarted rank can read the previous attempt's addresses and fail to connect (seen with
     torch 2.14 and gloo when ranks start at different times)."""
-    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size,
-                                       timeout=datetime.timedelta(minutes=10)))
+    try:
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size,
+                                           timeout=datetime.timedelta(minutes=10)))
+    except dist.DistNetworkError as error:
+        if "EADDRINUSE" not in str(error):
+            raise
+        # The main rank serves the store on MASTER_PORT (srun's: derived from the job id): another
+        # run or job on this host holds it.
+        raise UserError(f"MASTER_PORT={os.environ.get('MASTER_PORT')} is in use on {socket.gethostname()} "
+                        "(another run or job on this host listens on it): set MASTER_PORT to a free port "
+                        "(in the job script under srun)") from None
     return dist.PrefixStore(f"dist_train/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
 
 

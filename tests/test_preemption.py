@@ -124,6 +124,24 @@ def test_a_broken_launcher_environment_is_one_line_naming_the_variable(environ, 
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_a_master_port_in_use_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys, restore_signals):
+    """The main rank serves the rendezvous store on MASTER_PORT (srun's: derived from the job id);
+    another run or job on the host listening there was torch's DistNetworkError traceback, exit 1."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                            "MASTER_PORT": str(port)}.items():
+            monkeypatch.setenv(name, value)
+        assert train_main(["--dataset", "fake", "--device", "cpu", "--run-dir", str(tmp_path / "run")]) == \
+            exits.USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: MASTER_PORT={port} is in use on ") and err.count("\n") == 1, err
+
+
 def test_a_broken_launcher_environment_ends_a_launch_with_one_line(tmp_path, monkeypatch, capsys, restore_signals):
     monkeypatch.setenv("RANK", "x")
     monkeypatch.setenv("WORLD_SIZE", "2")
