@@ -58,6 +58,17 @@ def discover_ranks(environ=os.environ) -> tuple[int, int, int]:
     return rank, local_rank, world_size
 
 
+def check_master_addr(host: str) -> None:
+    """A MASTER_ADDR that names no host: torch's store client would retry it for the whole
+    10 min timeout. A lookup that may succeed later (DNS not answering) is left to torch."""
+    try:
+        socket.getaddrinfo(host, None)
+    except socket.gaierror as error:
+        if error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+            raise RankError(f"MASTER_ADDR={host!r} in the environment names no host ({error.strerror}): set it to "
+                            "the main rank's host name or address") from None
+
+
 def tell_torchrun(line: str, environ=os.environ) -> None:
     """Under torchrun: `line` into this rank's error file (TORCHELASTIC_ERROR_FILE), which the
     agent reads when the rank exits non-zero and prints in its failure summary (a message given as
@@ -193,6 +204,7 @@ def attempt_store(rank: int, world_size: int):
     torchrun keeps one store across restarts of a worker group; without a per-attempt prefix a
     restarted rank can read the previous attempt's addresses and fail to connect (seen with
     torch 2.14 and gloo when ranks start at different times)."""
+    check_master_addr(os.environ.get("MASTER_ADDR", ""))
     try:
         store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size,
                                            timeout=datetime.timedelta(minutes=10)))

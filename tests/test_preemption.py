@@ -142,6 +142,19 @@ def test_a_master_port_in_use_is_one_line_not_a_traceback(tmp_path, monkeypatch,
     assert err.startswith(f"error: MASTER_PORT={port} is in use on ") and err.count("\n") == 1, err
 
 
+def test_a_master_addr_that_names_no_host_is_one_line_on_every_rank(tmp_path, monkeypatch, capsys,
+                                                                     restore_signals):
+    """A rank other than the main one connects to MASTER_ADDR; a name no host has was retried by
+    torch for the whole 10 min timeout (a SIGTERM meanwhile only asks for a stop at a step)."""
+    for name, value in {"RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "no-such-host.invalid",
+                        "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    assert train_main(["--dataset", "fake", "--device", "cpu", "--run-dir", str(tmp_path / "run")]) == exits.USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("error: MASTER_ADDR='no-such-host.invalid' in the environment names no host") \
+        and err.count("\n") == 1, err
+
+
 def test_a_broken_launcher_environment_ends_a_launch_with_one_line(tmp_path, monkeypatch, capsys, restore_signals):
     monkeypatch.setenv("RANK", "x")
     monkeypatch.setenv("WORLD_SIZE", "2")
