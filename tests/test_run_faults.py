@@ -107,8 +107,9 @@ def test_a_failed_background_write_stops_every_rank_through_the_agreement(tmp_pa
                             stderr=subprocess.STDOUT, text=True, timeout=300,
                             preexec_fn=_with_file_size_limit(100_000))
     assert result.returncode != 0, result.stdout[-3000:]
-    lines = [line for line in result.stdout.splitlines() if "error:" in line]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("error:")]  # printed by the main rank
     assert lines and all("could not save checkpoint" in line and "File too large" in line for line in lines), lines
+    assert f"traceback : {lines[0]}" in result.stdout, result.stdout[-3000:]  # in torchrun's summary too
     assert "exitcode  : 4" in result.stdout or "exitcode: 4" in result.stdout, result.stdout[-3000:]
     steps = [int(step) for step in re.findall(r"step (\d+) batch", result.stdout)]
     assert 40 <= max(steps) < 80, max(steps)
