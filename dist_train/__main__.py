@@ -1,7 +1,5 @@
 """python -m dist_train: the dist-train command."""
 
-import sys
+from dist_train.cli import entry
 
-from dist_train.cli import main
-
-sys.exit(main())
+entry()

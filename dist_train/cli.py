@@ -16,6 +16,7 @@ from pathlib import Path
 from dist_train import __version__
 from dist_train.config import CheckpointError, OneLineErrorParser, UserError
 from dist_train.preemption import StopFlag, die_with_launcher
+from dist_train.processes import leave
 
 # torch is imported below the signal flag: `dist-train train` installs the flag first, as
 # launch/train.py does, so that a signal during the seconds of `import torch` is kept.
@@ -186,3 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+
+def entry() -> None:
+    """The dist-train command (and python -m dist_train): main(), then an exit that does not
+    finalize the interpreter, where gloo's threads could still abort it (processes.leave)."""
+    leave(main())

@@ -234,7 +234,8 @@ def teardown(env: DistEnv) -> None:
     Python inside C++ code that may not unwind: "terminate called without an active exception",
     SIGABRT, exit 134 after a complete run (core dump: gloo's thread in THPVariable_dealloc ->
     take_gil -> PyThread_exit_thread -> std::terminate). Seen in 1 of 12 and 1 of 8 runs of
-    tests/test_distributed_save.py."""
+    tests/test_distributed_save.py. The entry points also end without finalizing (processes.leave);
+    this wait is for callers of train.main() that finalize as usual."""
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
         time.sleep(0.2)  # the GIL is free meanwhile

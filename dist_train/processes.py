@@ -9,11 +9,13 @@ I/O) outlives its rank: it would hold the run directory for ever.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import os
 import signal
 import sys
+import threading
 
 _BEFORE_EXIT: list = []  # callbacks for end_now: what must not outlive the process (the lock)
 _PARENT_ONLY: set[int] = set()  # descriptors a forked child closes at once (the lock's)
@@ -91,4 +93,24 @@ def end_now(code: int) -> None:
             pass
     kill(pid for pid, _ in children())
     logging.shutdown()
+    os._exit(code)
+
+
+def leave(code: int) -> None:
+    """End the process with `code` as sys.exit would (Python threads joined, atexit handlers run,
+    output flushed), then os._exit: the interpreter is not finalized. A gloo worker thread that
+    releases a tensor of the last collective after destroy_process_group needs the GIL, and one
+    that asks for it while the interpreter finalizes is ended inside C++ code that may not unwind:
+    "terminate called without an active exception", SIGABRT, exit 134 after a complete run (core
+    dump: THPVariable_dealloc -> take_gil -> PyThread_exit_thread -> std::terminate). The entry
+    points end with this; main() itself returns, for callers in the same process."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # what Py_FinalizeEx runs before it finalizes (logging's flush among them)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe, a closed stream: nothing more can be said
+            pass
     os._exit(code)

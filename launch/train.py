@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs without installing
 
 from dist_train.preemption import StopFlag, die_with_launcher  # noqa: E402
+from dist_train.processes import leave  # noqa: E402
 
 # SIGUSR1/SIGTERM/SIGHUP/SIGINT from here on only set a flag: the loop saves at a step boundary, then exits.
 # Installed before importing torch (seconds), so that a signal during start-up is not fatal.
@@ -23,4 +24,4 @@ die_with_launcher()  # under torchrun: a rank never outlives its agent
 from dist_train.train import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(stop_flag=STOP_FLAG))
+    leave(main(stop_flag=STOP_FLAG))  # sys.exit without finalizing the interpreter (see there)

@@ -152,3 +152,48 @@ def test_the_error_line_goes_into_torchruns_error_file_and_never_over_another_fi
     tell_torchrun(line, {"TORCHELASTIC_ERROR_FILE": str(other)})
     assert other.read_text() == "keep"
     tell_torchrun(line, {})  # not under torchrun: nothing to do
+
+
+FINALIZED = """
+import atexit, os, runpy, sys, threading, time
+class Finalized:  # says so when the interpreter finalizes, as gloo's threads' tensors are released then
+    def __del__(self):
+        os.write(2, b"finalized\\n")
+KEEP = Finalized()
+threading.Thread(target=lambda: (time.sleep(0.3), print("thread done"))).start()
+atexit.register(print, "atexit ran")
+sys.stdout.write("buffered, ")
+if sys.argv[1] == "leave":
+    from dist_train.processes import leave
+    leave(7)
+if sys.argv[1] == "exit":
+    sys.exit(7)
+sys.argv = sys.argv[2:]
+runpy.run_module("dist_train", run_name="__main__") if sys.argv[0] == "-m" else runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_the_entry_points_exit_without_finalizing_the_interpreter(tmp_path):
+    """A gloo worker thread that frees a tensor of the last collective while the interpreter
+    finalizes aborts it (SIGABRT, exit 134 after a complete run: 1 process in 33 of two-rank
+    save-and-teardown runs here). leave() is sys.exit without the finalization: threads joined,
+    atexit handlers run, output flushed, the code kept; launch/train.py and dist-train end with it."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, python_env
+
+    script = tmp_path / "finalized.py"
+    script.write_text(FINALIZED)
+
+    def output(*args: str) -> tuple[int, str]:
+        done = subprocess.run([sys.executable, str(script), *args], env=python_env() | {"PYTHONUNBUFFERED": ""},
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        return done.returncode, done.stdout + done.stderr
+
+    assert output("leave") == (7, "buffered, thread done\natexit ran\n")
+    assert output("exit") == (7, "buffered, thread done\natexit ran\nfinalized\n")  # the probe can tell
+    for entry_point in ([str(TRAIN), "--lr", "-1"], ["-m", "dist_train", "list", str(tmp_path / "none")]):
+        code, out = output("entry", *entry_point)
+        assert code == exits.USER_ERROR and "error:" in out and "atexit ran" in out, (entry_point, out)
+        assert "finalized" not in out, (entry_point, out)

@@ -115,12 +115,11 @@ def test_a_progress_bar_on_a_terminal(tmp_path):
 
 
 def test_wandb_is_not_imported_when_off(tmp_path):
-    code = ("import runpy, sys\n"
+    code = ("import atexit, runpy, sys\n"  # the launcher ends the process itself, atexit handlers run
             f"sys.argv = ['train.py', '--dataset', 'fake', '--fake-size', '32', '--batch-size', '16', "
             f"'--epochs', '1', '--num-workers', '0', '--no-eval', '--run-dir', '{tmp_path / 'run'}']\n"
-            "try:\n    runpy.run_path('launch/train.py', run_name='__main__')\n"
-            "except SystemExit:\n    pass\n"
-            "print('wandb imported:', 'wandb' in sys.modules)\n")
+            "atexit.register(lambda: print('wandb imported:', 'wandb' in sys.modules))\n"
+            "runpy.run_path('launch/train.py', run_name='__main__')\n")
     result = subprocess.run([sys.executable, "-c", code], env=python_env(), cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert "training complete" in result.stderr, result.stderr[-2000:]
