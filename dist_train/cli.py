@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from dist_train import __version__
-from dist_train.config import CheckpointError, OneLineErrorParser, UserError
+from dist_train.config import CheckpointError, OneLineErrorParser, UserError, named
 from dist_train.preemption import StopFlag, die_with_launcher
 from dist_train.processes import leave
 
@@ -157,18 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("evaluate", help="test loss and accuracy of a run directory or checkpoint "
                         "(launch/evaluate.py)", add_help=False)
     inspect = commands.add_parser("inspect", help="what a checkpoint holds, and whether it loads and validates")
-    inspect.add_argument("target", help="a checkpoint file, or a run directory (the checkpoint resume would take)")
+    inspect.add_argument("target", type=named, help="a checkpoint file, or a run directory (the checkpoint resume would take)")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     export = commands.add_parser("export", help="model weights only, for inference")
-    export.add_argument("checkpoint", help="a checkpoint file or a run directory")
-    export.add_argument("--out", required=True, help="FILE.safetensors or FILE.pt (a plain state_dict)")
+    export.add_argument("checkpoint", type=named, help="a checkpoint file or a run directory")
+    export.add_argument("--out", required=True, type=named, help="FILE.safetensors or FILE.pt (a plain state_dict)")
     export.add_argument("--dtype", choices=DTYPES, help="cast floating-point tensors")
     listing = commands.add_parser("list", help="a run's checkpoints, newest first")
-    listing.add_argument("run_dir")
+    listing.add_argument("run_dir", type=named)
     compare = commands.add_parser("compare", help="whether two checkpoints hold the same training state, bit "
                                                   "for bit (exit 0) or not (exit 1)")
-    compare.add_argument("a", help="a checkpoint file, or a run directory (the checkpoint resume would take)")
-    compare.add_argument("b", help="likewise")
+    compare.add_argument("a", type=named, help="a checkpoint file, or a run directory (the checkpoint resume would take)")
+    compare.add_argument("b", type=named, help="likewise")
     return parser
 
 

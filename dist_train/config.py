@@ -24,16 +24,26 @@ def _opt(default, help, **kwargs):
     return field(default=default, metadata={"help": help, **kwargs})
 
 
+def named(value: str) -> str:
+    """The type of the flags that name a path or a wandb name. Empty is an error, not "left out":
+    `--run-dir "$RUN"` with RUN unset would otherwise train in runs/default (another run's), and
+    an empty --resume, --config or --wandb-project would silently mean none."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?)")
+    return value
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything a run is configured by; stored in every checkpoint."""
 
-    run_dir: str = _opt("", "run directory, checkpoints in RUN_DIR/checkpoints/; default runs/default, "
-                            "or runs/ARRAYJOB_TASK for a SLURM array task, runs/JOBID for a SLURM job")
+    run_dir: str | None = _opt(None, "run directory, checkpoints in RUN_DIR/checkpoints/; default runs/default, "
+                                     "or runs/ARRAYJOB_TASK for a SLURM array task, runs/JOBID for a SLURM job",
+                               type=named)
     model: str = _opt("net", "'net' (the recipe's CIFAR-10 Net) or a torchvision classification model")
     dataset: str = _opt("cifar10", "training data: cifar10; digits (scikit-learn's 8x8 digits at 32x32, "
                                    "offline); fake (random images for tests)", choices=("cifar10", "digits", "fake"))
-    data_dir: str = _opt("data", "where CIFAR-10 lives (DATA_DIR/cifar-10-batches-py)")
+    data_dir: str = _opt("data", "where CIFAR-10 lives (DATA_DIR/cifar-10-batches-py)", type=named)
     download: bool = _opt(False, "download CIFAR-10 into --data-dir if missing (main rank only)")
     fake_size: int = _opt(2048, "number of training images of --dataset fake (test split: a quarter)")
     epochs: int = _opt(2, "number of passes over the training data")
@@ -56,7 +66,7 @@ class Config:
     read_once: bool = _opt(True, "on resume with several ranks, the main rank alone reads the checkpoint "
                                  "and broadcasts it (else every rank reads the shared file)")
     keep: int = _opt(3, "number of newest checkpoints kept")
-    resume: str | None = _opt(None, "resume from this checkpoint file instead of the newest valid one", type=str)
+    resume: str | None = _opt(None, "resume from this checkpoint file instead of the newest valid one", type=named)
     amp: str = _opt("off", "mixed precision: bf16 autocast, or fp16 with a GradScaler (CUDA)",
                     choices=("off", "bf16", "fp16"))
     device: str = _opt("auto", "auto: cuda:LOCAL_RANK when CUDA is available, else cpu",
@@ -69,12 +79,12 @@ class Config:
     log_level: str = _opt("INFO", "logging level of the main rank (other ranks log warnings and errors), "
                                   "in any case", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper)
     wandb_project: str | None = _opt(None, "log to this wandb project (main rank only); off when unset",
-                                     type=str, env="WANDB_PROJECT")
-    wandb_entity: str | None = _opt(None, "wandb entity (team or user)", type=str, env="WANDB_ENTITY")
-    wandb_name: str | None = _opt(None, "wandb run name; array tasks get -taskN appended", type=str)
+                                     type=named, env="WANDB_PROJECT")
+    wandb_entity: str | None = _opt(None, "wandb entity (team or user)", type=named, env="WANDB_ENTITY")
+    wandb_name: str | None = _opt(None, "wandb run name; array tasks get -taskN appended", type=named)
     wandb_mode: str = _opt("online", "wandb mode", choices=WANDB_MODES, env="WANDB_MODE")
     wandb_dir: str | None = _opt(None, "wandb writes its files under WANDB_DIR/wandb/; unset: the run directory",
-                                 type=str, env="WANDB_DIR")
+                                 type=named, env="WANDB_DIR")
     wandb_timeout: float = _opt(120.0, "a wandb call (a log, the finish at the end) unanswered this many "
                                        "seconds is given up: wandb's service process is stopped and the "
                                        "training goes on without metrics (0: wait for ever; else at least 5)")
@@ -90,7 +100,7 @@ class Config:
                                 "epoch (counted in RUN_DIR/failures.json)")
     sweep_file: str | None = _opt(None, "one line of flags per SLURM array task, picked by "
                                         "SLURM_ARRAY_TASK_ID (0: the first line); they override the others",
-                                  type=str)
+                                  type=named)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -110,7 +120,7 @@ def build_parser(prog: str | None = None, add_help: bool = True) -> argparse.Arg
         description="Train with DDP; relaunching the same command resumes bit-exactly.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--config", help="a TOML or YAML file of flag values (as key = value, with "
+    parser.add_argument("--config", type=named, help="a TOML or YAML file of flag values (as key = value, with "
                                          "underscores); flags on the command line override it")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -174,7 +184,7 @@ def parse_config(argv: list[str] | None = None, environ=os.environ) -> Config:
     values = with_environment(vars(args), environ)
     values.pop("config")
     config = Config(**values)
-    if not config.run_dir:
+    if config.run_dir is None:
         config = dataclasses.replace(config, run_dir=default_run_dir(environ))
     validate(config, environ)
     return config

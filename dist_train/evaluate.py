@@ -16,7 +16,7 @@ import torch
 
 from dist_train import data
 from dist_train.checkpoint import CheckpointError, resolve_checkpoint
-from dist_train.config import Config, OneLineErrorParser, UserError, validate
+from dist_train.config import Config, OneLineErrorParser, UserError, named, validate
 from dist_train.distributed import DistEnv, pick_device
 from dist_train.loop import evaluate
 from dist_train.models import build_model, strip_wrapper_prefixes
@@ -26,10 +26,10 @@ DATASETS = next(f.metadata["choices"] for f in dataclasses.fields(Config) if f.n
 
 def parse_args(argv):
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a run directory (its checkpoint that a resume would take) "
+    parser.add_argument("checkpoint", type=named, help="a run directory (its checkpoint that a resume would take) "
                                            "or a checkpoint file written by launch/train.py")
     parser.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's")
-    parser.add_argument("--data-dir", help="default: the checkpoint's")
+    parser.add_argument("--data-dir", type=named, help="default: the checkpoint's")
     parser.add_argument("--fake-size", type=int, help="default: the checkpoint's")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=0)

@@ -251,3 +251,11 @@ def test_every_command_verifies_the_digest(tmp_path, capsys):
         assert code == 2 and "digest check failed" in err and len(err.strip().splitlines()) == 1, err
     code, out, _ = run_cli(["list", str(tmp_path / "run")], capsys)
     assert code == 0 and "BROKEN" in out and "digest check failed" in out
+
+
+@pytest.mark.parametrize("args", [["inspect", ""], ["list", " "], ["compare", "x", ""], ["evaluate", ""],
+                                  ["evaluate", "x", "--data-dir", ""], ["export", "x", "--out", ""]])
+def test_an_empty_path_is_one_line_not_the_current_directory(args, capsys):
+    """`dist-train inspect "$RUN"` with RUN unset looked for a checkpoint in the current directory."""
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and err.count("\n") == 1 and "is empty (an unset shell variable?)" in err, err

@@ -78,6 +78,26 @@ def test_non_finite_flags_are_refused(flag):
             parse_config([flag, value])
 
 
+NAMING_FLAGS = ["--run-dir", "--data-dir", "--resume", "--config", "--sweep-file", "--wandb-project",
+                "--wandb-entity", "--wandb-name", "--wandb-dir"]
+
+
+@pytest.mark.parametrize("flag", NAMING_FLAGS)
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_name_is_refused_not_taken_as_the_default(tmp_path, flag, value):
+    """`--run-dir "$RUN"` with RUN unset: the run directory was runs/default (another run's, whose
+    checkpoints it resumed), an empty --resume resumed the newest checkpoint instead of the file,
+    an empty --wandb-project or --config was silently no project, no file. From a config file too."""
+    with pytest.raises(UserError, match=f"argument {flag}: is empty"):
+        parse_config([flag, value])
+    config_file = tmp_path / "c.toml"
+    config_file.write_text(f'{flag[2:].replace("-", "_")} = "{value}"\n')
+    if flag != "--config":
+        with pytest.raises(UserError, match=f"argument {flag}: is empty"):
+            parse_config(["--config", str(config_file)])
+    assert parse_config([]).run_dir == "runs/default"  # left out: the default, as before
+
+
 @pytest.mark.parametrize("flag, name, what", [("--config", "c.toml", "config file"),
                                              ("--sweep-file", "sweep.txt", "sweep file")])
 def test_a_config_or_sweep_file_that_is_not_a_regular_file_is_refused_unread(tmp_path, flag, name, what):
