@@ -132,6 +132,17 @@ def _as_is(tree):
     return tree
 
 
+MIN_LOSS_SCALE = 1.0
+
+
+def overflow_skipped(scaler) -> bool:
+    """Whether a non-finite loss is an fp16 overflow that the GradScaler handles (it skips the
+    step, weights and momentum untouched, and halves its scale), not divergence: so while its
+    scale has not fallen below 1, 17 halvings from 65,536 without growth between, where overflow
+    has become the rule. Every rank has the same scale (DDP's gradients are the same everywhere)."""
+    return scaler is not None and scaler.is_enabled() and scaler.get_scale() >= MIN_LOSS_SCALE
+
+
 def weights_are_finite(model: torch.nn.Module) -> bool:
     """One reduction and one device sync for the whole model (a save syncs anyway)."""
     checks = [torch.isfinite(p).all() for p in model.parameters() if p.is_floating_point()]
@@ -148,13 +159,18 @@ def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress:
     writer's Snapshot: pinned buffers reused from one save to the next).
 
     Nothing is written when the loss or the weights are not finite (DivergedError on every rank):
-    a diverged checkpoint would push the last good ones out. A failed write (disk full, vanished
+    a diverged checkpoint would push the last good ones out. A non-finite loss that an fp16
+    GradScaler skipped is saved (overflow_skipped). A failed write (disk full, vanished
     directory) raises SaveFailedError on every rank, older checkpoints untouched; a failed
     background write, at the next save or the next stop agreement (train.py)."""
     # One all-reduce both averages the loss and tells every rank whether any rank diverged.
     nonfinite = 0.0 if weights_are_finite(unwrap(training.model)) else 1.0
     loss_sum, nonfinite = all_reduce_sum([last_loss, nonfinite], env)
-    if nonfinite or not math.isfinite(loss_sum):
+    if not nonfinite and not math.isfinite(loss_sum) and overflow_skipped(training.scaler):
+        log.warning("the loss of step %d is not finite (%s): an fp16 overflow, a step the GradScaler skipped "
+                    "(its scale is now %g); saving", progress.global_step, loss_sum / env.world_size,
+                    training.scaler.get_scale())
+    elif nonfinite or not math.isfinite(loss_sum):
         what = f"the loss ({loss_sum / env.world_size})" if not math.isfinite(loss_sum) else "the weights"
         raise DivergedError(f"training diverged: {what} became non-finite by step {progress.global_step} "
                             f"(epoch {progress.epoch}); nothing was saved from that step on, the older "

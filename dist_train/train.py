@@ -30,8 +30,8 @@ from dist_train.preemption import (INTERRUPT, NONE, REQUEUE, TERMINATE, SaveCloc
 from dist_train.rundir import check_config_file, last_launch_config, prepare_run_dir, write_config_file
 from dist_train.rng import restore_rng_of_rank, rng_state_at_step, seed_everything, seed_step
 from dist_train.state import (Progress, Training, apply_checkpoint, apply_optimizer_settings, build_checkpoint,
-                              capture_environment, choose_resume_checkpoint, place_schedule, rescale_progress,
-                              save_training_state, to_cpu, weights_are_finite)
+                              capture_environment, choose_resume_checkpoint, overflow_skipped, place_schedule,
+                              rescale_progress, save_training_state, to_cpu, weights_are_finite)
 from dist_train.watchdog import AGREEING, EVALUATING, SAVING, SYNCING
 from dist_train.tracking import NullTracker, ProgressReport, build_tracker, check_wandb_dir, setup_logging
 
@@ -231,7 +231,8 @@ def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path, writer
         def save_alone() -> Path | None:
             """A survivor's checkpoint of the last finished step, written without the other ranks."""
             loss = float(progress.last_loss)
-            if not (math.isfinite(loss) and weights_are_finite(unwrap(training.model))):
+            if not ((math.isfinite(loss) or overflow_skipped(training.scaler))
+                    and weights_are_finite(unwrap(training.model))):
                 log.error("not saving after the fault: the loss or the weights are not finite")
                 return None
             problem = writer.wait()  # the write in flight (main rank) first: one writer at a time

@@ -323,3 +323,35 @@ def test_a_fork_waits_for_the_short_threads_of_the_last_save(tmp_path, monkeypat
     batches = iter(DataLoader(range(4), num_workers=1))  # forks its worker
     assert not saving._deleter.is_alive()
     assert [int(b) for b in batches] == [0, 1, 2, 3]
+
+
+def test_an_fp16_overflow_the_grad_scaler_skipped_is_saved_a_collapsed_scale_is_divergence(tmp_path):
+    """With fp16 a step whose loss overflows is one the GradScaler skips (weights and momentum
+    untouched, its scale halved): refusing that save as divergence stopped the run, and every
+    relaunch retrained into the same step. A scale that has halved below 1 (17 overflows from
+    65,536 with no growth between) is overflow as the rule: divergence. A real GradScaler, on
+    the CPU; without one a non-finite loss stays divergence."""
+    from dist_train.errors import DivergedError
+    from dist_train.state import save_training_state
+
+    env = DistEnv(0, 0, 1, torch.device("cpu"))
+    for name in "abc":
+        (tmp_path / name).mkdir()
+
+    def training(scaler):
+        model = Net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return Training(model, optimizer, build_scheduler(optimizer, "constant", 1), scaler)
+
+    path = save_training_state(tmp_path / "a", 2, training(torch.amp.GradScaler("cpu")), Progress(global_step=7),
+                               float("inf"), {}, env)
+    assert path is not None and torch.load(path, weights_only=True)["loss"] == float("inf")
+    for scaler in (torch.amp.GradScaler("cpu", init_scale=0.5), None):
+        with pytest.raises(DivergedError, match="the loss"):
+            save_training_state(tmp_path / "b", 2, training(scaler), Progress(global_step=7), float("nan"), {}, env)
+    broken = training(torch.amp.GradScaler("cpu"))
+    with torch.no_grad():
+        next(broken.model.parameters())[0] = float("nan")
+    with pytest.raises(DivergedError, match="the weights"):
+        save_training_state(tmp_path / "c", 2, broken, Progress(global_step=7), 1.0, {}, env)
+    assert not list((tmp_path / "b").iterdir()) and not list((tmp_path / "c").iterdir())
