@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dist_train import exits
 from dist_train.config import UserError
 from dist_train.errors import environment_int
 
@@ -81,6 +82,23 @@ def tell_torchrun(line: str, environ=os.environ) -> None:
     try:
         with open(path, "x") as f:
             json.dump({"message": line, "timestamp": str(int(time.time()))}, f)
+    except OSError:
+        pass
+
+
+def tell_relaunch(exit_code: int, environ=os.environ) -> None:
+    """Under slurm/relaunch.sh (which sets DIST_TRAIN_EXIT_FILE, on the shared filesystem): a code
+    that a relaunch would only repeat (exits.PERMANENT: a user error, divergence...) into that file.
+    torchrun exits 1 whatever its ranks exited with, so from the step's code alone relaunch.sh
+    would relaunch a user error 10 times (times torchrun's own restarts). relaunch.sh removes the
+    file before each launch; one that exists (the first rank's, or a file named by hand) is never
+    overwritten. Best effort."""
+    path = environ.get("DIST_TRAIN_EXIT_FILE")
+    if not path or exit_code not in exits.PERMANENT:
+        return
+    try:
+        with open(path, "x") as f:
+            f.write(f"{exit_code}\n")
     except OSError:
         pass
 

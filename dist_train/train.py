@@ -435,8 +435,9 @@ def main(argv: list[str] | None = None, stop_flag: StopFlag | None = None) -> in
 def fail(line: str, exit_code: int, shown: bool) -> int:
     """The run's one line on stderr (from the main rank, or from each rank where each has its
     own), and under torchrun in the rank's error file too, where torchrun's failure summary shows
-    it in place of a link to its docs. The exit code to return."""
+    it in place of a link to its docs; a permanent code, for slurm/relaunch.sh. The exit code to return."""
     if shown:
         print(line, file=sys.stderr)
     distributed.tell_torchrun(line)
+    distributed.tell_relaunch(exit_code)
     return exit_code

@@ -241,3 +241,18 @@ def test_a_failed_rank_under_srun_is_relaunched_in_the_job_and_costs_no_step(slu
     assert_same_training_state(resumed, reference_ws2_slurm)
     assert slurm.job_states(job)[-1] == ":COMPLETED", slurm.job_states(job)
     print(f"\nsrun {kind}: fault to the first step after recovery {recovery:.0f} s, 0 steps trained twice")
+
+
+def test_a_user_error_under_srun_torchrun_is_not_relaunched(slurm, jobs_dir):
+    """torchrun exits 1 whatever its ranks exited with, so relaunch.sh relaunched a bad flag as a
+    crash: MAX_RELAUNCHES times, each with torchrun's own --max-restarts. The ranks write their
+    permanent code into relaunch.sh's DIST_TRAIN_EXIT_FILE; the step ends with it, at once."""
+    job = submit(slurm, jobs_dir, ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
+                                   "--output=usererror-%j.out"], "multi_node_torchrun.sbatch",
+                 SLURM_RUN + ["--lr", "-1"], extra_env="NPROC_PER_NODE=1,MAX_RELAUNCHES=2")
+    slurm.wait_gone(job, timeout=300)
+    log = (jobs_dir / f"usererror-{job}.out").read_text()
+    assert "error: --lr must be positive, got -1.0" in log, log[-4000:]
+    assert "relaunching it" not in log and "a rank exited 2" in log and "not relaunching" in log, log[-4000:]
+    assert slurm.job_states(job) == [":FAILED"], slurm.job_states(job)
+    assert not list(jobs_dir.glob(".dist_train-exit.*"))
