@@ -197,3 +197,15 @@ def test_the_entry_points_exit_without_finalizing_the_interpreter(tmp_path):
         code, out = output("entry", *entry_point)
         assert code == exits.USER_ERROR and "error:" in out and "atexit ran" in out, (entry_point, out)
         assert "finalized" not in out, (entry_point, out)
+
+
+def test_only_a_permanent_code_goes_into_relaunch_shs_file_and_never_over_another_file(tmp_path):
+    from dist_train.distributed import tell_relaunch
+
+    path = tmp_path / "exit"
+    tell_relaunch(exits.PEER_FAILED, {"DIST_TRAIN_EXIT_FILE": str(path)})  # a relaunch resumes from it
+    assert not path.exists()
+    tell_relaunch(exits.USER_ERROR, {"DIST_TRAIN_EXIT_FILE": str(path)})
+    tell_relaunch(exits.DIVERGED, {"DIST_TRAIN_EXIT_FILE": str(path)})  # another rank's: the first stays
+    assert path.read_text() == "2\n"
+    tell_relaunch(exits.USER_ERROR, {})  # not under relaunch.sh: nothing to do
