@@ -227,10 +227,12 @@ def _worker_init():
 def init_loader_worker(rank_pid: int, _worker_id: int) -> None:
     """A DataLoader worker dies with its rank and drops its copy of the run directory's lock (a
     worker left behind by a SIGKILLed rank held the run directory: the relaunch exited 2, "in use
-    by PID n"), and ignores SIGUSR1/SIGTERM/SIGHUP/SIGINT: the rank's main process alone acts on them."""
+    by PID n"), and ignores the signals the rank handles: the rank's main process alone acts on them."""
     import signal
+
+    from dist_train.preemption import HANDLED_BY_THE_RANK
 
     if os.getppid() == rank_pid:  # forked by the rank; a spawned or forkserver child inherits no lock
         processes.die_with_parent(rank_pid)
-    for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # Ctrl-C, a hang-up: the whole group
+    for signum in HANDLED_BY_THE_RANK:  # SLURM signals every process; Ctrl-C, a hang-up: the whole group
         signal.signal(signum, signal.SIG_IGN)

@@ -1,7 +1,8 @@
 """Signals -> a flag; ranks agree on when to stop; requeue through scontrol; ranks die with torchrun.
 
 SIGUSR1 (what `#SBATCH --signal=USR1@SECONDS` sends before the time limit) asks for save and
-requeue; SIGTERM (preemption, scancel, torchrun's shutdown), SIGHUP (a closed terminal) and SIGINT
+requeue, and so does SIGUSR2 (submitit's choice, `--signal=USR2@90`; its default action would
+kill the rank unsaved); SIGTERM (preemption, scancel, torchrun's shutdown), SIGHUP (a closed terminal) and SIGINT
 (Ctrl-C; a second one exits at once) ask for save and exit. The handler only records the request: no I/O, no collectives.
 SLURM signals every process of a job step, DataLoader workers included, and a forked worker
 inherits the handler, so it acts only in the process that installed it.
@@ -33,11 +34,13 @@ NONE, TERMINATE, INTERRUPT, REQUEUE = 0, 1, 2, 3  # ordered: the strongest reque
 # SIGHUP: the terminal of a run started by hand went away (a dropped ssh connection); without a
 # handler it would kill the rank and its loader workers before any save.
 SIGNAL_REQUESTS = {signal.SIGTERM: TERMINATE, signal.SIGHUP: TERMINATE, signal.SIGINT: INTERRUPT,
-                   signal.SIGUSR1: REQUEUE}
+                   signal.SIGUSR1: REQUEUE, signal.SIGUSR2: REQUEUE}
+# What a loader worker, the writer process and scontrol ignore: the rank's main process acts.
+HANDLED_BY_THE_RANK = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM/SIGHUP/SIGINT in this process; a later signal never lowers the request."""
+    """Set by SIGUSR1/SIGUSR2/SIGTERM/SIGHUP/SIGINT in this process; a later signal never lowers the request."""
 
     def __init__(self):
         self.request = NONE
@@ -54,7 +57,7 @@ class StopFlag:
         """After the last save a signal has nothing left to save: ignore it rather than die of it
         (USR1's default action) and turn a finished job into a failed one. SIGINT keeps its
         handler: a second Ctrl-C still exits at once."""
-        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(signum, signal.SIG_IGN)
 
     def _handle(self, signum, _frame) -> None:
@@ -216,7 +219,7 @@ def requeue_slurm_job(max_requeues: int, timeout: float = 30.0) -> bool:
     A failed call is tried again (REQUEUE_TRIES in all); a missing scontrol or a timeout is not."""
     job = slurm_job_to_requeue()
     if job is None:
-        log.warning("SIGUSR1 outside a SLURM job: checkpoint saved, nothing to requeue")
+        log.warning("SIGUSR1/SIGUSR2 outside a SLURM job: checkpoint saved, nothing to requeue")
         return False
     if restart_count() >= max_requeues:
         log.warning("not requeueing job %s: it has restarted %d times (--max-requeues %d); "
@@ -244,16 +247,18 @@ def requeue_slurm_job(max_requeues: int, timeout: float = 30.0) -> bool:
 def _scontrol_requeue(job: str, timeout: float) -> str | None:
     """One `scontrol requeue`: None if it succeeded, else what it said.
 
-    SIGUSR1 is ignored while it runs, by scontrol too (an ignored signal stays ignored across
-    exec): SLURM's --signal and `scancel --signal` reach every process of the step, and a second
-    USR1 would kill scontrol mid-call (seen here: a requeue that failed without a word)."""
+    SIGUSR1 and SIGUSR2 are ignored while it runs, by scontrol too (an ignored signal stays
+    ignored across exec): SLURM's --signal and `scancel --signal` reach every process of the step,
+    and a second USR1 would kill scontrol mid-call (seen here: a requeue that failed without a word)."""
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN) if in_main_thread else None
+    requeue_signals = (signal.SIGUSR1, signal.SIGUSR2)
+    previous = [signal.signal(s, signal.SIG_IGN) for s in requeue_signals] if in_main_thread else None
     try:
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=timeout)
     finally:
         if in_main_thread:
-            signal.signal(signal.SIGUSR1, previous)
+            for signum, handler in zip(requeue_signals, previous):
+                signal.signal(signum, handler)
     if result.returncode == 0:
         return None
     said = (result.stderr or result.stdout).strip()

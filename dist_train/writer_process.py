@@ -29,6 +29,7 @@ import torch
 
 from dist_train import processes
 from dist_train.checkpoint import map_leaves, tensors
+from dist_train.preemption import HANDLED_BY_THE_RANK
 from dist_train.saving import known_verdicts, learn_verdicts, wait_for_pruning, write_checkpoint
 
 _ALIGN = 64  # bytes: every tensor starts on a cache line
@@ -149,15 +150,11 @@ class WriterProcess:
             pass
 
 
-# The signals a run handles or a launcher sends to every process of a job.
-_IGNORED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
-
-
 def _serve(conn: Connection, region_fd: int, parent_pid: int) -> None:
     """The writer process: one save per message until None or the parent's end closes."""
     status = 0
     try:
-        for signum in _IGNORED:
+        for signum in HANDLED_BY_THE_RANK:  # the run's, which a launcher sends every process of a job
             signal.signal(signum, signal.SIG_IGN)
         processes.die_with_parent(parent_pid)
         _close_inherited_files(keep={0, 1, 2, conn.fileno(), region_fd})

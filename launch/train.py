@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs 
 from dist_train.preemption import StopFlag, die_with_launcher  # noqa: E402
 from dist_train.processes import leave  # noqa: E402
 
-# SIGUSR1/SIGTERM/SIGHUP/SIGINT from here on only set a flag: the loop saves at a step boundary, then exits.
+# SIGUSR1/SIGUSR2/SIGTERM/SIGHUP/SIGINT from here on only set a flag: the loop saves at a step boundary, then exits.
 # Installed before importing torch (seconds), so that a signal during start-up is not fatal.
 STOP_FLAG = StopFlag().install()
 die_with_launcher()  # under torchrun: a rank never outlives its agent

@@ -193,7 +193,7 @@ def assert_same_training_state(resumed: dict, reference: dict) -> None:
 @pytest.fixture
 def restore_signals():
     """In-process code installs (then ignores) SIGUSR1/SIGTERM/SIGINT handlers: give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)}
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)

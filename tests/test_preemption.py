@@ -26,6 +26,9 @@ def test_signals_set_the_strongest_request_once(restore_signals):
     assert (flag.request, flag.signal_name) == (REQUEUE, "SIGUSR1")
     os.kill(os.getpid(), signal.SIGTERM)  # never lowers the request
     assert flag.request == REQUEUE
+    flag = StopFlag().install()
+    os.kill(os.getpid(), signal.SIGUSR2)  # submitit's choice: its default action would kill the rank
+    assert (flag.request, flag.signal_name) == (REQUEUE, "SIGUSR2")
 
 
 def test_a_forked_child_does_not_act_on_the_inherited_handler(restore_signals):
