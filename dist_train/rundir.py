@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 
 from dist_train import processes
-from dist_train.checkpoint import LATEST, is_regular_file, step_in_name
+from dist_train.checkpoint import LATEST, is_regular_file, list_checkpoints, step_in_name
 from dist_train.saving import WRITE_TEST, remove_stale_temp_files
 from dist_train.durable import temp_path, write_atomically
 from dist_train.errors import SaveFailedError, UserError
@@ -186,9 +186,15 @@ def last_launch_config(run_dir) -> dict | None:
 
 def check_config_file(run_dir) -> None:
     """RUN_DIR/config.json, where there is one, must be a run's: a run directory may be a project
-    or model directory too (`--run-dir .`), whose config.json a run would replace."""
+    or model directory too (`--run-dir .`), whose config.json a run would replace. A regular file
+    that is not one beside checkpoints of the run's own is the run's, damaged (a flipped byte, a
+    truncation): it is written again at this launch rather than refused at every relaunch."""
     path = Path(run_dir) / "config.json"
     if os.path.lexists(path) and last_launch_config(run_dir) is None:
+        if is_regular_file(path) and list_checkpoints(Path(run_dir) / "checkpoints"):
+            log.warning("%s is damaged (not a dist_train configuration) but the run directory has checkpoints "
+                        "of its own; it is written again at this launch", path)
+            return
         raise UserError(f"{path} is not a dist_train configuration (another program's file?) and a run "
                         "would replace it: use another --run-dir, or move the file away")
 

@@ -276,6 +276,23 @@ def test_another_programs_config_json_in_the_run_directory_is_never_overwritten(
     assert (run_dir / "config.json").read_text() == text and sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
 
 
+def test_a_damaged_config_json_beside_the_runs_own_checkpoints_is_rewritten_not_a_refusal(tmp_path, capsys):
+    """A flipped byte or a truncation in RUN_DIR/config.json made every relaunch exit 2 as if the
+    directory were another program's, and a SLURM requeue failed there for good. With checkpoints
+    of its own in RUN_DIR/checkpoints/ the directory is the run's: a warning, and the file is
+    written again."""
+    run_dir = tmp_path / "run"
+    flags = TINY + ["--run-dir", str(run_dir), "--epochs", "1"]
+    assert main(flags, StopFlag()) == exits.COMPLETE
+    config_json = run_dir / "config.json"
+    config_json.write_bytes(config_json.read_bytes()[:40])  # cut short: not JSON
+    capsys.readouterr()
+    assert main(flags[:-1] + ["2", "--allow-config-change"], StopFlag()) == exits.COMPLETE
+    err = capsys.readouterr().err
+    assert f"{config_json} is damaged" in err and "training complete: 2 epochs" in err, err[-2000:]
+    assert json.loads(config_json.read_text())["epochs"] == 2
+
+
 def test_new_optimizer_settings_replace_the_loaded_ones_along_the_schedule():
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
