@@ -421,8 +421,8 @@ def main(argv: list[str] | None = None, stop_flag: StopFlag | None = None) -> in
     except RuntimeError as error:
         gone = healing.peer_failure(error)
         if gone is not None:  # in the loop a survivor saves and says so (train_in_run_dir)
-            return fail(f"error: another rank went away outside the training loop (at start-up or at the end, "
-                        f"where no survivor saves) ({gone}); its own log says why. A relaunch resumes from the "
+            return fail(f"error: another rank went away outside the training loop, at start-up or at the end, "
+                        f"where no survivor saves ({gone}); its own log says why. A relaunch resumes from the "
                         "newest checkpoint", exits.PEER_FAILED, True)
         op = distributed.nondeterministic_op(error)
         if op is None:
