@@ -351,12 +351,13 @@ class ProgressReport:
 
     def __init__(self, is_main: bool, every: int, world_size: int, batch_size: int, use_bar: bool | None = None):
         self.is_main, self.every = is_main, every
-        self.samples_per_step = world_size * batch_size
+        self.world_size, self.batch_size = world_size, batch_size
         self.use_bar = is_main and (sys.stderr.isatty() if use_bar is None else use_bar)
         self._bar = None
 
-    def start_epoch(self, epoch: int, start_batch: int, num_batches: int) -> None:
-        self.epoch, self.num_batches = epoch, num_batches
+    def start_epoch(self, epoch: int, start_batch: int, num_batches: int, samples_per_rank: int) -> None:
+        """samples_per_rank: the epoch's images on each rank; its last batch may be short."""
+        self.epoch, self.num_batches, self.samples_per_rank = epoch, num_batches, samples_per_rank
         self._t0, self._batch0 = time.perf_counter(), start_batch
         if self.use_bar:
             from tqdm import tqdm
@@ -368,7 +369,8 @@ class ProgressReport:
         """After each step; `loss` is given on reporting steps only. Returns samples/s so far."""
         elapsed = time.perf_counter() - self._t0
         done = batch - self._batch0
-        rate = done * self.samples_per_step / elapsed if elapsed > 0 else 0.0
+        samples = self._samples_before(batch) - self._samples_before(self._batch0)
+        rate = samples * self.world_size / elapsed if elapsed > 0 else 0.0
         if self._bar is not None:
             self._bar.update(1)
             if loss is not None:
@@ -378,6 +380,9 @@ class ProgressReport:
             log.info("epoch %d step %d batch %d/%d loss %.4f lr %.3g samples/s %.0f eta %s", self.epoch,
                      global_step, batch, self.num_batches, loss, lr, rate, _clock(eta))
         return rate
+
+    def _samples_before(self, batch: int) -> int:
+        return min(batch * self.batch_size, self.samples_per_rank)
 
     def end_epoch(self) -> None:
         if self._bar is not None:

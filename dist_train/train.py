@@ -357,7 +357,7 @@ def run_epochs(config, env, training, progress, train_loader, test_loader, stop_
     stopped_at_end = False  # a requeue asked for at the step that ends the training
     for epoch in range(progress.next_epoch, config.epochs):
         sampler.set_epoch(epoch, start_batch=progress.next_batch)
-        report.start_epoch(epoch, progress.next_batch, sampler.batches_per_epoch)
+        report.start_epoch(epoch, progress.next_batch, sampler.batches_per_epoch, sampler.num_samples)
         batch, loss = progress.next_batch, float("nan")
         for loss_tensor in train_steps(training.model, train_loader, training.optimizer,
                                        training.scheduler, training.scaler, env, config.amp, on_phase):

@@ -435,3 +435,19 @@ def test_a_fresh_start_with_other_settings_logs_to_a_wandb_run_of_its_own(tmp_pa
     out, other, steps = launch("--lr", "0.05")
     assert other != first and steps == [1, 2, 3, 4], out[-3000:]
     assert f"wandb run {first} logged another training (lr: 0.01 -> 0.05)" in out, out[-3000:]
+
+
+def test_samples_per_second_counts_the_images_trained_not_full_batches(monkeypatch):
+    """An epoch of 100 images per rank in batches of 64: the second batch holds 36. A batch size
+    larger than the data (one step) printed 578,734,438,934 samples/s for 64 images."""
+    from dist_train import tracking
+
+    clock = iter([0.0, 1.0, 2.0, 10.0, 11.0])
+    monkeypatch.setattr(tracking.time, "perf_counter", lambda: next(clock))
+    report = tracking.ProgressReport(True, 1, world_size=2, batch_size=64, use_bar=False)
+    report.start_epoch(0, 0, 2, samples_per_rank=100)
+    assert report.step(1, 1, None, 0.1) == 128  # 64 images on each of 2 ranks in 1 s
+    assert report.step(2, 2, None, 0.1) == 100  # 200 in 2 s
+    huge = tracking.ProgressReport(True, 1, world_size=1, batch_size=99_999_999_999, use_bar=False)
+    huge.start_epoch(0, 0, 1, samples_per_rank=64)
+    assert huge.step(1, 1, None, 0.1) == 64
