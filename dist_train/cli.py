@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -52,10 +53,16 @@ def describe(path: Path, checkpoint: dict) -> dict:
         validation = f"failed: {str(error).splitlines()[0]}"
     return {"path": str(path), "format_version": checkpoint["format_version"], "epoch": checkpoint["epoch"],
             "next_epoch": checkpoint["next_epoch"], "next_batch": checkpoint["next_batch"],
-            "global_step": checkpoint["global_step"], "loss": checkpoint["loss"],
+            "global_step": checkpoint["global_step"], "loss": _finite_or_name(checkpoint["loss"]),
             "world_size": checkpoint["world_size"], "num_parameters": num_parameters,
             "size_bytes": path.stat().st_size, "loads": True, "validates": validation,
             "wandb_run_id": checkpoint.get("wandb_run_id"), "config": config}
+
+
+def _finite_or_name(value: float):
+    """JSON has no inf or nan (json.dumps would write Infinity, which strict parsers refuse): an
+    fp16 overflow's checkpoint holds an infinite loss."""
+    return value if math.isfinite(value) else str(value)
 
 
 def inspect_command(args) -> int:

@@ -259,3 +259,12 @@ def test_an_empty_path_is_one_line_not_the_current_directory(args, capsys):
     """`dist-train inspect "$RUN"` with RUN unset looked for a checkpoint in the current directory."""
     code, _, err = run_cli(args, capsys)
     assert code == 2 and err.count("\n") == 1 and "is empty (an unset shell variable?)" in err, err
+
+
+def test_inspect_json_is_standard_json_for_an_infinite_loss(reference_ws1, tmp_path, capsys):
+    """An fp16 overflow's checkpoint holds an infinite loss; json.dumps wrote Infinity."""
+    checkpoint = torch.load(reference_ws1 / "checkpoints" / "step_000000040.pt", weights_only=True)
+    checkpoint["loss"] = float("inf")
+    torch.save(checkpoint, tmp_path / "step_000000040.pt")
+    code, out, _ = run_cli(["inspect", str(tmp_path / "step_000000040.pt"), "--json"], capsys)
+    assert code == 0 and json.loads(out, parse_constant=lambda name: pytest.fail(f"not JSON: {name}"))["loss"] == "inf"
