@@ -15,7 +15,7 @@ if [[ ! $max =~ ^[0-9]+$ ]]; then  # bash arithmetic would read a word as a vari
   echo "relaunch.sh: MAX_RELAUNCHES=$max is not a whole number" >&2
   exit 2
 fi
-export DIST_TRAIN_EXIT_FILE="$PWD/.dist_train-exit.${SLURM_JOB_ID:-$$}"
+export DIST_TRAIN_EXIT_FILE="$PWD/.dist_train-exit.${SLURM_JOB_ID:-local}.$$"  # one per relaunch.sh
 trap 'rm -f "$DIST_TRAIN_EXIT_FILE"' EXIT
 for ((launch = 0; ; launch++)); do
   rm -f "$DIST_TRAIN_EXIT_FILE"
