@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dist_train import exits
+from dist_train import exits, processes
 from dist_train.config import UserError
 from dist_train.errors import environment_int
 
@@ -204,6 +204,7 @@ def setup(device_choice: str, deterministic: bool = True) -> DistEnv:
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = slurm_master_addr_port()
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        processes.finalizing_is_unsafe()  # its threads may outlive it (processes.leave)
         dist.init_process_group(backend, store=attempt_store(rank, world_size), rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(minutes=10), **kwargs)
     return DistEnv(rank, local_rank, world_size, device)

@@ -18,6 +18,7 @@ import sys
 import threading
 
 _BEFORE_EXIT: list = []  # callbacks for end_now: what must not outlive the process (the lock)
+_FINALIZING_IS_UNSAFE = False  # a process group ran here (leave)
 _PARENT_ONLY: set[int] = set()  # descriptors a forked child closes at once (the lock's)
 
 
@@ -96,14 +97,23 @@ def end_now(code: int) -> None:
     os._exit(code)
 
 
+def finalizing_is_unsafe() -> None:
+    """A process group ran in this process: its threads may still free tensors (leave)."""
+    global _FINALIZING_IS_UNSAFE
+    _FINALIZING_IS_UNSAFE = True
+
+
 def leave(code: int) -> None:
-    """End the process with `code` as sys.exit would (Python threads joined, atexit handlers run,
-    output flushed), then os._exit: the interpreter is not finalized. A gloo worker thread that
+    """sys.exit(code); after a process group, the same without finalizing the interpreter: Python
+    threads joined, atexit handlers run, output flushed, then os._exit. A gloo worker thread that
     releases a tensor of the last collective after destroy_process_group needs the GIL, and one
     that asks for it while the interpreter finalizes is ended inside C++ code that may not unwind:
     "terminate called without an active exception", SIGABRT, exit 134 after a complete run (core
     dump: THPVariable_dealloc -> take_gil -> PyThread_exit_thread -> std::terminate). The entry
-    points end with this; main() itself returns, for callers in the same process."""
+    points end with this; main() itself returns, for callers in the same process. A single
+    process exits as usual (SystemExit, which a caller running the script in-process can catch)."""
+    if not _FINALIZING_IS_UNSAFE:
+        sys.exit(code)
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()
