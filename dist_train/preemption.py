@@ -35,8 +35,9 @@ NONE, TERMINATE, INTERRUPT, REQUEUE = 0, 1, 2, 3  # ordered: the strongest reque
 # handler it would kill the rank and its loader workers before any save.
 SIGNAL_REQUESTS = {signal.SIGTERM: TERMINATE, signal.SIGHUP: TERMINATE, signal.SIGINT: INTERRUPT,
                    signal.SIGUSR1: REQUEUE, signal.SIGUSR2: REQUEUE}
-# What a loader worker, the writer process and scontrol ignore: the rank's main process acts.
-HANDLED_BY_THE_RANK = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+REQUEUE_SIGNALS = tuple(signum for signum, request in SIGNAL_REQUESTS.items() if request == REQUEUE)
+# What a loader worker and the writer process ignore: the rank's main process acts.
+HANDLED_BY_THE_RANK = tuple(SIGNAL_REQUESTS)
 
 
 class StopFlag:
@@ -57,8 +58,9 @@ class StopFlag:
         """After the last save a signal has nothing left to save: ignore it rather than die of it
         (USR1's default action) and turn a finished job into a failed one. SIGINT keeps its
         handler: a second Ctrl-C still exits at once."""
-        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(signum, signal.SIG_IGN)
+        for signum in HANDLED_BY_THE_RANK:
+            if signum != signal.SIGINT:
+                signal.signal(signum, signal.SIG_IGN)
 
     def _handle(self, signum, _frame) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: the main process acts
@@ -251,13 +253,12 @@ def _scontrol_requeue(job: str, timeout: float) -> str | None:
     ignored across exec): SLURM's --signal and `scancel --signal` reach every process of the step,
     and a second USR1 would kill scontrol mid-call (seen here: a requeue that failed without a word)."""
     in_main_thread = threading.current_thread() is threading.main_thread()
-    requeue_signals = (signal.SIGUSR1, signal.SIGUSR2)
-    previous = [signal.signal(s, signal.SIG_IGN) for s in requeue_signals] if in_main_thread else None
+    previous = [signal.signal(s, signal.SIG_IGN) for s in REQUEUE_SIGNALS] if in_main_thread else None
     try:
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=timeout)
     finally:
         if in_main_thread:
-            for signum, handler in zip(requeue_signals, previous):
+            for signum, handler in zip(REQUEUE_SIGNALS, previous):
                 signal.signal(signum, handler)
     if result.returncode == 0:
         return None

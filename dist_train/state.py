@@ -166,15 +166,15 @@ def save_training_state(ckpt_dir: Path, keep: int, training: Training, progress:
     # One all-reduce both averages the loss and tells every rank whether any rank diverged.
     nonfinite = 0.0 if weights_are_finite(unwrap(training.model)) else 1.0
     loss_sum, nonfinite = all_reduce_sum([last_loss, nonfinite], env)
-    if not nonfinite and not math.isfinite(loss_sum) and overflow_skipped(training.scaler):
+    if nonfinite or not math.isfinite(loss_sum):
+        if nonfinite or not overflow_skipped(training.scaler):
+            what = f"the loss ({loss_sum / env.world_size})" if not math.isfinite(loss_sum) else "the weights"
+            raise DivergedError(f"training diverged: {what} became non-finite by step {progress.global_step} "
+                                f"(epoch {progress.epoch}); nothing was saved from that step on, the older "
+                                "checkpoints are kept. Lower --lr, or resume with other settings")
         log.warning("the loss of step %d is not finite (%s): an fp16 overflow, a step the GradScaler skipped "
                     "(its scale is now %g); saving", progress.global_step, loss_sum / env.world_size,
                     training.scaler.get_scale())
-    elif nonfinite or not math.isfinite(loss_sum):
-        what = f"the loss ({loss_sum / env.world_size})" if not math.isfinite(loss_sum) else "the weights"
-        raise DivergedError(f"training diverged: {what} became non-finite by step {progress.global_step} "
-                            f"(epoch {progress.epoch}); nothing was saved from that step on, the older "
-                            "checkpoints are kept. Lower --lr, or resume with other settings")
     rng_states = gather_to_main(capture_rng_state(env.device), env)
     path, problem = None, None
     if env.is_main:
