@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from dist_train.errors import CheckpointError, NewerFormatError, UserError, first_line
+from dist_train.rng import rng_state_problem
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,14 @@ def check_contents(path: Path, checkpoint) -> None:
     for key, kind in (("config", dict), ("rng_states", list)):
         if not isinstance(checkpoint.get(key), kind):
             raise CheckpointError(f"{path}: not a dist_train checkpoint, {key} is {type(checkpoint.get(key)).__name__}")
+    states = checkpoint["rng_states"]
+    if len(states) != checkpoint["world_size"]:  # one per rank; none: the resume would not be exact
+        raise CheckpointError(f"{path}: not a dist_train checkpoint, rng_states holds {len(states)} rank states "
+                              f"for world size {checkpoint['world_size']}")
+    for rank, state in enumerate(states):
+        if problem := rng_state_problem(state):
+            raise CheckpointError(f"{path}: not a dist_train checkpoint, rng_states of rank {rank}"
+                                  f"{'' if problem.startswith(':') else ' '}{problem}")
     step = step_in_name(path)
     if step is not None and step != checkpoint["global_step"]:
         # Resuming from it would retrain from the wrong step, and a requeue chain would loop.

@@ -20,6 +20,7 @@ from dist_train.config import Config, OneLineErrorParser, UserError, named, vali
 from dist_train.distributed import DistEnv, pick_device
 from dist_train.loop import evaluate
 from dist_train.models import build_model, strip_wrapper_prefixes
+from dist_train.state import check_model_fits
 
 DATASETS = next(f.metadata["choices"] for f in dataclasses.fields(Config) if f.name == "dataset")
 
@@ -52,7 +53,9 @@ def evaluate_checkpoint(args) -> tuple[Path, float, float, int]:
     validate(config)
 
     model = build_model(config.model).to(device)
-    model.load_state_dict(strip_wrapper_prefixes(checkpoint["model_state_dict"]))
+    state = strip_wrapper_prefixes(checkpoint["model_state_dict"])
+    check_model_fits(state, model)
+    model.load_state_dict(state)
     model.eval()
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=device)
     _, test_set = data.build_datasets(config, env)

@@ -66,6 +66,35 @@ def _as_checkpoint_values(python: tuple, numpy: tuple, torch_state: torch.Tensor
     }
 
 
+def rng_state_problem(state) -> str | None:
+    """What keeps `state` from being one rank's capture_rng_state(), or None. The lengths are
+    those of the generators: a state of another length fails in setstate, after the weights loaded."""
+    if not isinstance(state, dict):
+        return f"is not an RNG state ({type(state).__name__})"
+    for key in ("python", "numpy", "torch", "cuda"):
+        if key not in state:
+            return f"is not an RNG state (no {key})"
+    py, npy = state["python"], state["numpy"]
+    if not (isinstance(py, dict) and isinstance(py.get("version"), int) and _int64_vector(py.get("state"), 625)
+            and (py.get("gauss") is None or isinstance(py.get("gauss"), float))):
+        return ": python is not a random module state"
+    if not (isinstance(npy, dict) and _int64_vector(npy.get("keys"), 624) and type(npy.get("pos")) is int
+            and type(npy.get("has_gauss")) is int and isinstance(npy.get("gauss"), float)):
+        return ": numpy is not a Mersenne Twister state"
+    torch_state = state["torch"]
+    if not (isinstance(torch_state, torch.Tensor) and torch_state.dtype == torch.uint8
+            and torch_state.shape == torch.get_rng_state().shape):
+        return ": torch is not a CPU generator state"
+    cuda = state["cuda"]
+    if cuda is not None and not (isinstance(cuda, torch.Tensor) and cuda.dtype == torch.uint8 and cuda.dim() == 1):
+        return ": cuda is not a CUDA generator state"
+    return None
+
+
+def _int64_vector(value, length: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.int64 and value.shape == (length,)
+
+
 def restore_rng_state(state: dict, device: torch.device) -> None:
     """The inverse of capture_rng_state; its tensors may sit on any device."""
     py = state["python"]

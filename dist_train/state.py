@@ -12,7 +12,7 @@ import torch
 
 from dist_train.checkpoint import CheckpointError, FORMAT_VERSION, find_latest_valid, load_checkpoint, map_leaves
 from dist_train.saving import write_checkpoint
-from dist_train.errors import DivergedError, SaveFailedError, UserError
+from dist_train.errors import DivergedError, SaveFailedError, UserError, first_line
 from dist_train.distributed import DistEnv, all_reduce_sum, broadcast_from_main, gather_to_main
 from dist_train.models import strip_wrapper_prefixes, unwrap
 from dist_train.rng import capture_rng_state
@@ -95,18 +95,101 @@ def apply_checkpoint(checkpoint: dict, training: Training) -> Progress:
     # GPU the resume then holds one extra copy of the weights, never of the optimizer state
     # (optimizer.load_state_dict keeps the loaded tensors when they already sit on the device).
     state = strip_wrapper_prefixes(checkpoint.pop("model_state_dict"))
-    missing = sorted(set(model.state_dict()) - set(state))
-    unexpected = sorted(set(state) - set(model.state_dict()))
-    if missing or unexpected:
-        raise UserError(f"the checkpoint holds another architecture than {type(model).__name__}: "
-                        f"missing keys {_few(missing)}, unexpected keys {_few(unexpected)}")
+    check_model_fits(state, model)
+    check_optimizer_fits(checkpoint["optimizer_state_dict"], training.optimizer)
+    check_scheduler_fits(checkpoint["scheduler_state_dict"], training.scheduler)
     model.load_state_dict(state)
-    training.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
-    training.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
+    try:
+        training.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+        raise UserError(f"the checkpoint's optimizer state does not load into {type(training.optimizer).__name__}: "
+                        f"{first_line(error)}") from None
+    try:
+        training.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        raise UserError(f"the checkpoint's learning-rate schedule does not load into "
+                        f"{type(training.scheduler).__name__}: {first_line(error)}") from None
     if training.scaler is not None and checkpoint.get("scaler_state_dict"):
         training.scaler.load_state_dict(checkpoint["scaler_state_dict"])
     return Progress(checkpoint["epoch"], checkpoint["next_epoch"], checkpoint["next_batch"],
                     checkpoint["global_step"])
+
+
+def check_model_fits(state: dict, model: torch.nn.Module) -> None:
+    """UserError naming the keys or shapes where the weights are not this model's (the code
+    changed since the save: load_state_dict's own error is a traceback)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(f"the checkpoint holds another architecture than {type(model).__name__}: "
+                        f"missing keys {_few(missing)}, unexpected keys {_few(unexpected)}")
+    resized = [f"{key} is {_shape(state[key])} in the checkpoint, {_shape(own[key])} here" for key in own
+               if isinstance(state[key], torch.Tensor) and state[key].shape != own[key].shape]
+    if resized:
+        raise UserError(f"the checkpoint holds another architecture than {type(model).__name__}: "
+                        f"{_few(resized, 3)}")
+
+
+def check_optimizer_fits(saved, optimizer: torch.optim.Optimizer) -> None:
+    """UserError where the saved optimizer state is not this optimizer's for these parameters.
+
+    torch's load_state_dict maps saved state to parameters by position and checks only the counts:
+    the state of layers since reordered in the code, or of another optimizer, loads, then fails at
+    the first step (a traceback at every relaunch) or, where the shapes agree, trains on with each
+    parameter's momentum applied to another. The state tensors checked are a parameter's own
+    shape (SGD's momentum; Adam's moments); an optimizer with factored state (Adafactor) needs
+    this check adapted."""
+    kind = type(optimizer).__name__
+    groups = optimizer.param_groups
+    saved_groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if (not isinstance(saved_groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                      for g in saved_groups)
+            or not isinstance(saved.get("state"), dict)):
+        raise UserError(f"the checkpoint's optimizer state is not an optimizer's state dict ({kind})")
+    sizes, saved_sizes = [len(g["params"]) for g in groups], [len(g["params"]) for g in saved_groups]
+    if sizes != saved_sizes:
+        raise UserError(f"the checkpoint's optimizer state does not fit: {len(saved_sizes)} parameter groups of "
+                        f"{', '.join(map(str, saved_sizes))} parameters, {kind} has {len(sizes)} of "
+                        f"{', '.join(map(str, sizes))}")
+    theirs, ours = set(saved_groups[0]) - set(groups[0]), set(groups[0]) - set(saved_groups[0])
+    if theirs and ours:  # a torch version that adds a setting adds to one side only
+        raise UserError(f"the checkpoint's optimizer state is another optimizer's (its settings "
+                        f"{', '.join(sorted(theirs))}; {kind} has {', '.join(sorted(ours))})")
+    names = [name for g in groups for name in g.get("param_names", [None] * len(g["params"]))]
+    for group, saved_group in zip(groups, saved_groups):
+        if "param_names" in group and "param_names" in saved_group and group["param_names"] != saved_group["param_names"]:
+            place, (there, here) = next((i, pair) for i, pair in enumerate(zip(saved_group["param_names"],
+                                                                                group["param_names"])) if pair[0] != pair[1])
+            raise UserError(f"the checkpoint's optimizer state is for other parameters: at place {place} it holds "
+                            f"{there}'s, here it is {here} (layers renamed or reordered in the code?)")
+    params = [p for g in groups for p in g["params"]]
+    places = {saved_id: place for place, saved_id in enumerate(i for g in saved_groups for i in g["params"])}
+    for saved_id, values in saved["state"].items():
+        place = places.get(saved_id)
+        if place is None or not isinstance(values, dict):
+            continue  # torch keeps state of no parameter as it is
+        param = params[place]
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                named = f" ({names[place]})" if names[place] else ""
+                raise UserError(f"the checkpoint's optimizer state does not fit: {key} of parameter {place}{named} "
+                                f"is {_shape(value)}, the parameter {_shape(param)} (layers reordered in the code?)")
+
+
+def check_scheduler_fits(saved, scheduler) -> None:
+    """UserError where the saved schedule is another kind than this one (its state names other settings)."""
+    kind = type(scheduler).__name__
+    if not isinstance(saved, dict):
+        raise UserError(f"the checkpoint's learning-rate schedule is not a scheduler's state dict ({kind})")
+    theirs, ours = set(saved) - set(scheduler.state_dict()), set(scheduler.state_dict()) - set(saved)
+    if theirs and ours:
+        raise UserError(f"the checkpoint's learning-rate schedule is another kind (its state "
+                        f"{', '.join(sorted(theirs))}; {kind} has {', '.join(sorted(ours))})")
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return str(list(tensor.shape))
 
 
 def apply_optimizer_settings(training: Training, lr: float, momentum: float, weight_decay: float) -> None:

@@ -45,7 +45,9 @@ def build_training(config: Config, env: distributed.DistEnv, steps_per_epoch: in
     if env.distributed:
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         settle_gradient_buckets(model, env, input_shape)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+    # Named: the checkpoint's optimizer state then says which parameter each entry is (torch's
+    # param_names), so a resume by code whose layers were reordered is refused, not misapplied.
+    optimizer = torch.optim.SGD(unwrap(model).named_parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, config.lr_schedule, config.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None

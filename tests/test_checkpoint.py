@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import threading
 import zipfile
 from pathlib import Path
@@ -196,7 +197,11 @@ def test_a_flipped_byte_is_a_broken_file_and_the_previous_one_is_used(tmp_path, 
 
 
 def test_the_recipe_loads_a_checkpoint_file_unchanged(tmp_path):
-    path = save_checkpoint(trained_checkpoint(5), tmp_path, keep=3)
+    source = Net()  # the training's optimizer names its parameters (train.build_training)
+    named = torch.optim.SGD(source.named_parameters(), lr=0.1, momentum=0.9)
+    saved = trained_checkpoint(5, Training(source, named, build_scheduler(named, "cosine", 100)))
+    assert saved["optimizer_state_dict"]["param_groups"][0]["param_names"][0] == "conv1.weight"
+    path = save_checkpoint(saved, tmp_path, keep=3)
     # The recipe's loading code, line for line: no sidecar, no wrapper
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
@@ -209,6 +214,8 @@ def test_the_recipe_loads_a_checkpoint_file_unchanged(tmp_path):
     assert isinstance(epoch, int) and isinstance(loss, float)
     assert all(state["momentum_buffer"] is not None for state in optimizer.state.values())
     assert checkpoint["format_version"] == 2 and "environment" in checkpoint
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()  # the recipe trains on with the loaded state
 
 
 def test_a_newer_format_file_stops_the_search_and_is_never_overwritten_or_pruned(tmp_path):
@@ -254,6 +261,41 @@ def test_a_checkpoint_whose_counters_are_not_counts_is_refused(tmp_path, key, va
     torch.save(checkpoint, tmp_path / "other.pt")
     shown = type(value).__name__ if key in ("config", "rng_states") else repr(value)
     with pytest.raises(CheckpointError, match=f"other.pt: not a dist_train checkpoint, {key} is {shown}"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def _rng_without(key):
+    state = capture_rng_state(CPU)
+    del state[key]
+    return [state]
+
+
+def _rng_with(path, value):
+    state = capture_rng_state(CPU)
+    *parents, last = path
+    node = state
+    for name in parents:
+        node = node[name]
+    node[last] = value
+    return [state]
+
+
+@pytest.mark.parametrize("states, problem", [
+    ([], "rng_states holds 0 rank states for world size 1"),
+    ([capture_rng_state(CPU)] * 2, "rng_states holds 2 rank states for world size 1"),
+    (["state"], "rng_states of rank 0 is not an RNG state (str)"),
+    (_rng_without("numpy"), "rng_states of rank 0 is not an RNG state (no numpy)"),
+    (_rng_with(["torch"], torch.zeros(3, dtype=torch.uint8)), "rng_states of rank 0: torch is not a CPU generator state"),
+    (_rng_with(["python", "state"], torch.zeros(3, dtype=torch.int64)), "rng_states of rank 0: python is not"),
+    (_rng_with(["numpy", "keys"], torch.zeros(3, dtype=torch.int64)), "rng_states of rank 0: numpy is not"),
+    (_rng_with(["cuda"], "x"), "rng_states of rank 0: cuda is not"),
+])
+def test_a_checkpoint_whose_rng_states_are_not_every_ranks_is_refused(tmp_path, states, problem):
+    """An empty list resumed silently with fresh RNG streams (not exact); a malformed state was
+    a traceback (KeyError, ValueError) after the weights had loaded."""
+    checkpoint = trained_checkpoint(5) | {"rng_states": states}
+    torch.save(checkpoint, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=re.escape(f"other.pt: not a dist_train checkpoint, {problem}")):
         load_checkpoint(tmp_path / "other.pt")
 
 

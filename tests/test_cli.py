@@ -229,6 +229,91 @@ def test_bad_input_is_one_line_and_harms_nothing(case, reference_ws1, tmp_path, 
     assert snapshot(run_dir) == before
 
 
+def _reordered_momentum(checkpoint):
+    """Layers reordered in the code: torch maps optimizer state to parameters by position."""
+    optimizer = checkpoint["optimizer_state_dict"]
+    for group in optimizer["param_groups"]:
+        group.pop("param_names", None)  # as in a file without names: the shapes still tell
+    state = optimizer["state"]
+    state[0], state[1] = state[1], state[0]
+
+
+def _renamed_parameters(checkpoint):
+    names = checkpoint["optimizer_state_dict"]["param_groups"][0]["param_names"]
+    names[2], names[3] = names[3], names[2]  # conv2's weight and bias, as another order would save them
+
+
+def _another_optimizer(checkpoint):
+    """An SGD file resumed by code that switched to AdamW."""
+    for group in checkpoint["optimizer_state_dict"]["param_groups"]:
+        for key in ("momentum", "dampening", "nesterov"):
+            del group[key]
+        group.update(betas=(0.9, 0.999), eps=1e-8, amsgrad=False)
+
+
+def _another_schedule(checkpoint):
+    checkpoint["scheduler_state_dict"] = {"step_size": 10, "gamma": 0.1, "base_lrs": [0.01], "last_epoch": 40,
+                                          "_step_count": 41, "_last_lr": [0.01], "_is_initial": False,
+                                          "_get_lr_called_within_step": False}
+
+
+def _set(key, value):
+    return lambda checkpoint: checkpoint.__setitem__(key, value)
+
+
+# A checkpoint that verifies and loads but does not fit the code that resumes it: the template is
+# copied and edited (a layer resized, layers reordered, another optimizer or schedule). Each was a
+# traceback (exit 1, which relaunch.sh and torchrun retry into the same wall), some only at the
+# first optimizer step after the resume; a reordering of layers of equal shapes trained on silently
+# with each parameter's momentum applied to another.
+UNFITTING = {
+    "a layer of another size": (lambda c: c["model_state_dict"].__setitem__("fc3.bias", torch.zeros(7)),
+                                "another architecture than Net: fc3.bias is [7] in the checkpoint, [10] here"),
+    "momentum of another parameter": (_reordered_momentum, "the checkpoint's optimizer state does not fit: "
+                                      "momentum_buffer of parameter 0 (conv1.weight) is [6], the parameter [6, 3, 5, 5]"),
+    "parameters in another order": (_renamed_parameters, "the checkpoint's optimizer state is for other parameters: "
+                                    "at place 2 it holds conv2.bias's, here it is conv2.weight"),
+    "another optimizer": (_another_optimizer, "the checkpoint's optimizer state is another optimizer's "
+                          "(its settings amsgrad, betas, eps; SGD has dampening, momentum, nesterov)"),
+    "another schedule": (_another_schedule, "the checkpoint's learning-rate schedule is another kind "
+                         "(its state gamma, step_size; LambdaLR has lr_lambdas)"),
+    "optimizer state of other groups": (lambda c: c["optimizer_state_dict"]["param_groups"].append(
+        dict(c["optimizer_state_dict"]["param_groups"][0], params=[])),
+        "the checkpoint's optimizer state does not fit: 2 parameter groups of 10, 0 parameters, SGD has 1 of 10"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNFITTING))
+def test_a_checkpoint_that_does_not_fit_the_code_is_one_line(case, reference_ws1, tmp_path, capsys,
+                                                             restore_signals):
+    """The run's own newest checkpoint, after the code changed: exit 2 naming what differs, the
+    file untouched (an older one would not fit either: falling back to it would train from the
+    wrong place)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_ws1, run_dir)
+    newest = run_dir / "checkpoints" / "step_000000048.pt"
+    checkpoint = torch.load(newest, weights_only=True)
+    edit, message = UNFITTING[case]
+    edit(checkpoint)
+    torch.save(checkpoint, newest)
+    before = snapshot(run_dir)
+    code, out, err = run_cli(["train", *SMALL_RUN, "--run-dir", str(run_dir), "--epochs", "3",
+                              "--allow-config-change"], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err + out
+    assert snapshot(run_dir) == before
+
+
+def test_evaluate_names_a_layer_of_another_size(reference_ws1, tmp_path, capsys):
+    checkpoint = torch.load(reference_ws1 / "checkpoints" / "step_000000048.pt", weights_only=True)
+    checkpoint["model_state_dict"]["fc3.bias"] = torch.zeros(7)
+    torch.save(checkpoint, tmp_path / "step_000000048.pt")
+    code, out, err = run_cli(["evaluate", str(tmp_path / "step_000000048.pt")], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "another architecture than Net: fc3.bias is [7] in the checkpoint, [10] here" in err
+
+
 def test_inspect_and_evaluate_refuse_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello\n")
     for command in (["inspect"], ["evaluate"], ["export", "--out", str(tmp_path / "w.pt")], ["compare", str(tmp_path / "notes.txt")]):
