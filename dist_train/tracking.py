@@ -56,13 +56,23 @@ class NullTracker:
 
 
 class WandbTracker:
-    def __init__(self, config, run_id: str | None, another_training: str | None = None):
+    def __init__(self, config, run_id: str | None, another_training: str | None = None,
+                 trained_in: str | None = None):
         import wandb
 
         run_dir = Path(config.run_dir)
         wandb_dir = config.wandb_dir or str(run_dir)  # --wandb-dir, else $WANDB_DIR, else the run's
         self._state_path = run_dir / "wandb.json"
+        self._home = str(run_dir.resolve())
         state = self._read_state()
+        # A copy (`cp -r`) names the original's wandb run in its wandb.json and its checkpoints:
+        # going on in it would write two trainings into one history, the original's maybe at once.
+        ours = state.get("run_id") or run_id
+        origin = copied_from(run_dir, state.get("home"), ours) or copied_from(run_dir, trained_in, ours)
+        if origin:
+            log.warning("%s is a copy of %s, whose wandb run %s goes on there; this run logs to a wandb run "
+                        "of its own", run_dir, origin, ours)
+            state, run_id = {}, None
         if another_training and state.get("run_id"):
             # Going on in it would drop this training's steps up to its last one as sent already.
             log.warning("wandb run %s logged another training (%s); this run starts afresh in a wandb run "
@@ -163,7 +173,8 @@ class WandbTracker:
         # Not fsynced: it is written at every logged step, and a process kill, unlike a power
         # loss, keeps the page cache. Without it a resume would send steps again (or open another
         # run), so a write that fails ends the run (write_run_file).
-        write_run_file(self._state_path, json.dumps({"run_id": self.run_id, "logged": self._logged}), durable=False)
+        write_run_file(self._state_path, json.dumps({"run_id": self.run_id, "logged": self._logged,
+                                                     "home": self._home}), durable=False)
 
 
 def _start_wandb(wandb, mode: str, **arguments):
@@ -306,6 +317,21 @@ def read_wandb_record(path: Path) -> dict:
         and all(isinstance(k, str) and type(v) is int for k, v in record["logged"].items())), "a wandb run")
 
 
+def copied_from(run_dir: Path, home, run_id: str | None) -> str | None:
+    """`home`, where RUN_DIR is a copy of it (`cp -r`): another directory, still there, whose
+    wandb.json names the same wandb run. A run directory moved (nothing left where it was) or
+    seen through another path (a link, another mount of the same directory) is not a copy."""
+    if not run_id or not isinstance(home, str) or not home:
+        return None
+    try:
+        if os.path.samefile(home, run_dir):
+            return None
+    except OSError:  # gone: moved
+        return None
+    other = Path(home) / "wandb.json"
+    return home if read_wandb_record(other).get("run_id") == run_id else None
+
+
 def _flush_often(wandb):
     """wandb writes its run file every 15 s by default, so a SIGKILL loses up to 15 s of points
     that the skip rule above would then not send again; ask for 1 s where this wandb allows it."""
@@ -338,12 +364,14 @@ def check_wandb_dir(config) -> None:
                         f"{existing} {problem}")
 
 
-def build_tracker(config, is_main: bool, checkpoint_run_id: str | None = None, another_training: str | None = None):
+def build_tracker(config, is_main: bool, checkpoint_run_id: str | None = None, another_training: str | None = None,
+                  trained_in: str | None = None):
     """another_training: what changed since the training that RUN_DIR/wandb.json's run logged,
-    for a run that starts afresh with other settings (it gets a wandb run of its own)."""
+    for a run that starts afresh with other settings (it gets a wandb run of its own).
+    trained_in: the run directory the resumed checkpoint was trained in."""
     if not is_main or not uses_wandb(config):
         return NullTracker()
-    return WandbTracker(config, checkpoint_run_id, another_training)
+    return WandbTracker(config, checkpoint_run_id, another_training, trained_in)
 
 
 class ProgressReport:

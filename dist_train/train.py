@@ -70,11 +70,12 @@ def settle_gradient_buckets(model: DDP, env, input_shape: torch.Size) -> None:
 
 
 def resume(config: Config, env, training: Training, ckpt_dir: Path,
-           batches_per_epoch: int) -> tuple[Progress, str | None]:
-    """Load the checkpoint to resume from, if any: (where training continues, its wandb run id)."""
+           batches_per_epoch: int) -> tuple[Progress, str | None, str | None]:
+    """Load the checkpoint to resume from, if any: (where training continues, its wandb run id,
+    the run directory it was trained in)."""
     checkpoint = choose_resume_checkpoint(ckpt_dir, config.resume, env, config.read_once)
     if checkpoint is None:
-        return Progress(), None
+        return Progress(), None, None
     changes = config_differences(checkpoint["config"], checkpoint["world_size"], config, env.world_size)
     if "environment" in checkpoint:
         changes += environment_differences(checkpoint["environment"], capture_environment(env.device))
@@ -103,7 +104,7 @@ def resume(config: Config, env, training: Training, ckpt_dir: Path,
                  "of another size)", place, config.epochs * batches_per_epoch, progress.global_step)
         place_schedule(training, place)
     restore_rng_of_rank(checkpoint, env)  # last: everything above may draw random numbers
-    return progress, checkpoint.get("wandb_run_id")
+    return progress, checkpoint.get("wandb_run_id"), checkpoint["config"].get("run_dir")
 
 
 def check_batch_sizes(config: Config, per_rank: int) -> None:
@@ -195,14 +196,15 @@ def train_in_run_dir(config: Config, stop_flag: StopFlag, ckpt_dir: Path, writer
         training = build_training(config, env, train_loader.sampler.batches_per_epoch, input_shape)
         writer.defer(training.optimizer)  # its tensors are copied for a snapshot until its next step
         seed_everything(config.seed + env.rank)  # per-rank streams (dropout etc.) from here on
-        progress, wandb_run_id = resume(config, env, training, ckpt_dir, train_loader.sampler.batches_per_epoch)
+        progress, wandb_run_id, trained_in = resume(config, env, training, ckpt_dir,
+                                                    train_loader.sampler.batches_per_epoch)
         log_peak_gpu_memory(env, "after start-up" if progress.global_step == 0 else "after the resume")
         if progress.next_epoch >= config.epochs:
             log.info("run in %s is complete (%d epochs, step %d); nothing to do",
                      config.run_dir, config.epochs, progress.global_step)
             return exits.COMPLETE
 
-        tracker = start_tracker(config, env, wandb_run_id, progress)
+        tracker = start_tracker(config, env, wandb_run_id, progress, trained_in)
         count_this_launch(config, env, progress)
         if env.is_main:
             write_config_file(config)  # only now: a refused resume leaves the old one in place
@@ -298,12 +300,13 @@ def check_ranks_agree(config: Config, env) -> None:
         raise UserError(problem)
 
 
-def start_tracker(config: Config, env, wandb_run_id: str | None, progress: Progress):
+def start_tracker(config: Config, env, wandb_run_id: str | None, progress: Progress, trained_in: str | None = None):
     """Collective: the main rank's tracker (wandb), or on every rank the UserError that stopped it
     (no wandb login): the other ranks would otherwise wait for the main one at the first step."""
     tracker, problem = NullTracker(), None
     try:
-        tracker = build_tracker(config, env.is_main, wandb_run_id, another_training(config, env, progress))
+        tracker = build_tracker(config, env.is_main, wandb_run_id, another_training(config, env, progress),
+                                trained_in)
     except UserError as error:
         problem = str(error)
     problem = distributed.broadcast_from_main(problem, env)

@@ -9,6 +9,7 @@ import os
 import pty
 import re
 import resource
+import shutil
 import signal
 import struct
 import subprocess
@@ -71,6 +72,33 @@ def test_a_run_started_from_another_runs_checkpoint_logs_to_a_wandb_run_of_its_o
     assert fork_id != first_id and f"its wandb run {first_id} is not continued" in out, out[-3000:]
     assert newest_checkpoint(fork)["wandb_run_id"] == fork_id
     assert {read_run(f)["run_id"] for f in (fork / "wandb").glob("offline-run-*/run-*.wandb")} == {fork_id}
+
+
+def test_a_copied_run_directory_logs_to_a_wandb_run_of_its_own_a_moved_one_goes_on(killed_ws1, tmp_path):
+    """`cp -r runs/a runs/b` to try another lr from a's last step: b's wandb.json and checkpoints
+    named a's wandb run, so b logged into a's history (a may still be running). A copy gets a run
+    of its own; a moved directory (nothing left where it was) keeps its run."""
+    source_dir, _ = killed_ws1
+    first_id = json.loads((source_dir / "wandb.json").read_text())["run_id"]
+    wandb_args = ["--wandb-project", "dist-train-tests", "--wandb-mode", "offline", "--allow-config-change"]
+    copy = tmp_path / "copy"
+    shutil.copytree(source_dir, copy, ignore=shutil.ignore_patterns("wandb", ".lock"))
+    out = run(SMALL_RUN + ["--run-dir", str(copy), "--epochs", "3", *wandb_args]).stdout
+    copy_id = json.loads((copy / "wandb.json").read_text())["run_id"]
+    assert copy_id != first_id and f"is a copy of {source_dir}" in out, out[-3000:]
+    assert newest_checkpoint(copy)["wandb_run_id"] == copy_id
+
+    moved = tmp_path / "moved"
+    copy.rename(moved)
+    out = run(SMALL_RUN + ["--run-dir", str(moved), "--epochs", "4", *wandb_args]).stdout
+    assert f"wandb run {copy_id} (offline mode)" in out and "is a copy of" not in out, out[-3000:]
+
+    # Only the checkpoints copied: the checkpoint names the run directory it was trained in.
+    bare = tmp_path / "bare"
+    shutil.copytree(source_dir / "checkpoints", bare / "checkpoints", ignore=shutil.ignore_patterns(".lock"))
+    out = run(SMALL_RUN + ["--run-dir", str(bare), "--epochs", "3", *wandb_args]).stdout
+    bare_id = json.loads((bare / "wandb.json").read_text())["run_id"]
+    assert bare_id not in (first_id, copy_id) and f"is a copy of {source_dir}" in out, out[-3000:]
 
 
 def _first_key(kind: str) -> str:
