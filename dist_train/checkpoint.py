@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dist_train.errors import CheckpointError, NewerFormatError, UserError, first_line
+from dist_train.errors import CheckpointError, NewerFormatError, UnreadableError, UserError, first_line
 from dist_train.rng import rng_state_problem
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,10 @@ def verify_digest(path: Path) -> None:
         archive = zipfile.ZipFile(path)
     except bad as error:  # no readable zip directory: truncated, or not a torch.save file at all
         raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line(error)})") from None
+    except PermissionError as error:
+        raise UnreadableError(f"{path}: cannot be read ({error.strerror or error}); a resume from an older "
+                              f"checkpoint would train its steps again and replace it: give this user read "
+                              f"access to it, or move it out of {path.parent}") from None
     except OSError as error:
         raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
     with archive:
@@ -183,7 +187,8 @@ def find_latest_valid(ckpt_dir: Path, map_location="cpu") -> tuple[Path, dict] |
 
     Raises CheckpointError when checkpoint files exist but none of them loads: a silent fresh
     start over existing checkpoints would throw the run away. A file of a newer format stops
-    the search (NewerFormatError): resuming from an older file would later overwrite it.
+    the search (NewerFormatError): resuming from an older file would later overwrite it; so does a
+    file this process may not read (UnreadableError), which nothing says is broken.
     """
     candidates = list_checkpoints(ckpt_dir)
     marker = read_latest_marker(ckpt_dir)
@@ -194,7 +199,7 @@ def find_latest_valid(ckpt_dir: Path, map_location="cpu") -> tuple[Path, dict] |
     for path in candidates:
         try:
             return path, load_checkpoint(path, map_location)
-        except NewerFormatError:
+        except (NewerFormatError, UnreadableError):
             raise
         except CheckpointError as error:
             log.warning("skipping checkpoint: %s", error)

@@ -116,6 +116,7 @@ def export_command(args) -> int:
 
 def list_command(args) -> int:
     from dist_train.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, read_latest_marker
+    from dist_train.errors import NewerFormatError, UnreadableError
 
     ckpt_dir = checkpoint_dir(Path(args.run_dir))
     paths = list_checkpoints(ckpt_dir)
@@ -128,7 +129,11 @@ def list_command(args) -> int:
             size = path.stat().st_size
             checkpoint = load_checkpoint(path)
             status = f"epoch {checkpoint['epoch']} step {checkpoint['global_step']} loss {checkpoint['loss']:.4f}"
-            resume_choice = resume_choice or path
+            resume_choice = path if resume_choice is None else resume_choice
+        except (NewerFormatError, UnreadableError) as error:  # a resume stops here: no older file is taken
+            kind = "UNREADABLE" if isinstance(error, UnreadableError) else "NEWER FORMAT"
+            status = f"{kind} ({str(error).split(': ', 1)[-1]})"
+            resume_choice = False if resume_choice is None else resume_choice
         except CheckpointError as error:
             status = f"BROKEN ({str(error).split(': ', 1)[-1]})"
         except FileNotFoundError:

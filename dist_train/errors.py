@@ -25,6 +25,11 @@ class NewerFormatError(CheckpointError):
     """A checkpoint written by a newer dist_train: never skipped, overwritten or pruned."""
 
 
+class UnreadableError(CheckpointError):
+    """A checkpoint this process may not read (another user's): nothing says it is broken, so it is
+    never skipped for an older one (whose steps would be trained again, and the file replaced)."""
+
+
 class DivergedError(Exception):
     """The loss (or the weights) became non-finite: nothing is saved from that step on."""
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
 import re
 import threading
 import zipfile
@@ -297,6 +299,75 @@ def test_a_checkpoint_whose_rng_states_are_not_every_ranks_is_refused(tmp_path, 
     torch.save(checkpoint, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match=re.escape(f"other.pt: not a dist_train checkpoint, {problem}")):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def _listing(run_dir) -> str:
+    import contextlib
+    import io
+
+    from dist_train.cli import main as cli_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli_main(["list", str(run_dir)]) == 0
+    return out.getvalue()
+
+
+def test_list_marks_no_resume_past_a_newer_format_file(tmp_path):
+    """A resume stops at a newer format's file; `list` marked the older file below it as the resume."""
+    save_checkpoint(trained_checkpoint(1), tmp_path, keep=3)
+    torch.save(trained_checkpoint(2) | {"format_version": 99}, checkpoint_path(tmp_path, 2))
+    listing = _listing(tmp_path).splitlines()
+    assert "NEWER FORMAT (format version 99" in listing[0] and "<- resume" not in "".join(listing), listing
+
+
+def _as_another_user(call) -> str:
+    """call() in a child process of another user (nobody) where this one is root, which reads
+    every file; its outcome as text."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, never return into pytest
+        code = 1
+        try:
+            os.close(read)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            try:
+                outcome = f"returned {call()!r}"
+            except Exception as error:
+                outcome = f"{type(error).__name__}: {error}"
+            os.write(write, outcome.encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        outcome = pipe.read()
+    assert os.waitpid(pid, 0)[1] == 0
+    return outcome
+
+
+def test_a_checkpoint_this_user_may_not_read_stops_the_search_it_is_not_skipped():
+    """Another user's file (a teammate's run, a umask of 077, a launch under sudo) was skipped as
+    broken: the run resumed from an older checkpoint, trained those steps again and replaced the
+    file. Nothing about the file is known to be wrong: the resume stops, naming it."""
+    shared = Path(tempfile.mkdtemp())  # not under pytest's 0700 directory
+    try:
+        os.chmod(shared, 0o777)
+        for step in (1, 2):
+            save_checkpoint(trained_checkpoint(step), shared, keep=3)
+        newest = checkpoint_path(shared, 2)
+        os.chmod(newest, 0o600 if os.geteuid() == 0 else 0)
+        outcome = _as_another_user(lambda: find_latest_valid(shared)[0].name)
+        assert outcome.startswith(f"UnreadableError: {newest}: cannot be read (Permission denied)"), outcome
+        assert "give this user read access to it, or move it out of" in outcome
+        assert "Permission denied" in _as_another_user(lambda: load_checkpoint(newest))
+        listing = _as_another_user(lambda: _listing(shared)).splitlines()
+        assert "UNREADABLE (cannot be read (Permission denied)" in listing[0] and "<- resume" not in "".join(listing)
+    finally:
+        shutil.rmtree(shared)
 
 
 def test_broken_files_never_take_a_keep_slot(tmp_path):
