@@ -132,19 +132,26 @@ def device_type(choice: str) -> str:
     return "cpu" if choice == "cpu" or not torch.cuda.is_available() else "cuda"
 
 
-def pick_device(choice: str, local_rank: int, num_visible: int, num_node_gpus: int | None = None) -> torch.device:
+def pick_device(choice: str, local_rank: int, num_visible: int, num_node_gpus: int | None = None,
+                why_no_cuda: str = "") -> torch.device:
     """The device of this rank, from what it can see (a pure function, so tests need no GPU).
 
     num_visible: the CUDA devices this process sees (torch.cuda.device_count()).
     num_node_gpus: the GPUs SLURM gave all tasks of this node together, where known. When a
     task sees fewer (--gpus-per-task, --gpu-bind), each task has its own subset and its rank
     takes cuda:(LOCAL_RANK % visible); otherwise every rank sees the node's GPUs and takes
-    cuda:LOCAL_RANK, which must exist: nccl needs one GPU per rank."""
+    cuda:LOCAL_RANK, which must exist: nccl needs one GPU per rank. A node SLURM gave GPUs to whose
+    torch sees none (a CPU-only wheel, a driver too old for torch's CUDA: why_no_cuda) is an
+    error, not a run on the CPU for the whole allocation."""
     if choice == "cpu":
         return torch.device("cpu")
     if num_visible == 0:
+        why = f" ({why_no_cuda})" if why_no_cuda else ""
+        if num_node_gpus:
+            raise RankError(f"SLURM gave this node {num_node_gpus} GPU(s) but torch sees none{why}; training would "
+                            "run on the CPU: install a torch that sees them, or pass --device cpu to train on the CPU")
         if choice == "cuda":
-            raise UserError("--device cuda was asked for but CUDA is not available here; use --device cpu")
+            raise UserError(f"--device cuda was asked for but CUDA is not available here{why}; use --device cpu")
         return torch.device("cpu")
     if num_node_gpus is not None and num_visible < num_node_gpus:
         return torch.device("cuda", local_rank % num_visible)
@@ -188,7 +195,19 @@ def this_ranks_device(device_choice: str) -> torch.device:
     one line with nothing created. Makes no CUDA context."""
     _, local_rank, _ = discover_ranks()
     num_visible = torch.cuda.device_count() if device_choice != "cpu" and torch.cuda.is_available() else 0
-    return pick_device(device_choice, local_rank, num_visible, gpus_given_to_node())
+    why = "" if num_visible or device_choice == "cpu" else why_no_cuda()
+    return pick_device(device_choice, local_rank, num_visible, gpus_given_to_node(), why)
+
+
+def why_no_cuda() -> str:
+    """Why this torch sees no GPU, as far as it says."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and not hidden.strip():
+        return "CUDA_VISIBLE_DEVICES is empty"
+    return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, and no GPU is available to it: no "
+            "driver, or one too old for that CUDA")
 
 
 def setup(device_choice: str, deterministic: bool = True) -> DistEnv:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SMALL_RUN, Launch, assert_bitwise_equal, newest_checkpoint, python_env
+from conftest import REPO, SMALL_RUN, Launch, assert_bitwise_equal, launch_command, newest_checkpoint, python_env
 from dist_train import cli, exits
 from dist_train.config import UserError
 from dist_train.distributed import RankError, nondeterministic_op, pick_device, use_deterministic_kernels
@@ -50,6 +50,27 @@ def test_more_ranks_than_gpus_or_no_cuda_is_one_clear_error():
         pick_device("cuda", 5, 4, 4)  # srun with 8 tasks on 4 GPUs, no binding
     with pytest.raises(UserError, match="CUDA is not available"):
         pick_device("cuda", 0, 0)
+
+
+def test_gpus_slurm_gave_that_torch_cannot_see_are_an_error_not_a_cpu_run():
+    """A CPU-only torch wheel (or a driver too old for its CUDA) on a GPU node: --device auto
+    trained on the CPU, silently, for the whole allocation."""
+    with pytest.raises(RankError, match=r"SLURM gave this node 4 GPU\(s\) but torch sees none \(a CPU-only "
+                                        r"build\); training would run on the CPU: .*or pass --device cpu"):
+        pick_device("auto", 0, 0, 4, why_no_cuda="a CPU-only build")
+    assert pick_device("cpu", 0, 0, 4) == CPU  # asked for
+
+
+def test_a_gpu_job_whose_torch_sees_no_gpu_stops_before_the_run_directory(tmp_path):
+    """This machine's torch (a CUDA build, no driver) in a job that SLURM gave GPUs: the real check."""
+    run_dir = tmp_path / "run"
+    environ = python_env() | {"SLURM_JOB_GPUS": "0,1"}
+    result = subprocess.run(launch_command(["--dataset", "fake", "--run-dir", str(run_dir)]), cwd=REPO, env=environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stdout, result.stdout
+    assert "SLURM gave this node 2 GPU(s) but torch sees none" in errors[0]
+    assert f"torch {torch.__version__}" in errors[0] and not run_dir.exists()
 
 
 class OnAnotherDevice(torch.Tensor):
