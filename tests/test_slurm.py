@@ -146,6 +146,26 @@ def test_chained_array_tasks_continue_one_training(slurm, jobs_dir, time_limit_j
     assert_same_training_state(resumed, reference_of_seed(1))
 
 
+def test_a_plain_scancel_saves_the_step_it_stops_at(slurm, jobs_dir):
+    """scancel without --signal (and preemption with PreemptMode=CANCEL, and the time limit) sends
+    SIGTERM to the job's steps and to the batch shell at once, and SIGKILL KillWait (10 s here)
+    later: the ranks must have saved by then, whatever relaunch.sh and the batch shell do."""
+    job = submit(slurm, jobs_dir, ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
+                                   "--output=scancel-%j.out"], "single_node.sbatch", SLURM_RUN)
+    out = jobs_dir / f"scancel-{job}.out"
+    wait_for_text(out, "step 3 batch")
+    slurm.scancel(job)
+    slurm.wait_gone(job, timeout=120)
+    time.sleep(1)  # the last lines of a step killed with the job
+    log = out.read_text()
+    assert "stop requested by SIGTERM" in log, log[-4000:]
+    saved = [line for line in log.splitlines() if "saved checkpoint" in line and "stop requested by SIGTERM" in line]
+    assert len(saved) == 1, log[-4000:]
+    step = int(saved[0].split("step ")[-1].split(",")[0])
+    assert newest_checkpoint(jobs_dir / "runs" / job)["global_step"] == step
+    assert "relaunching" not in log, log[-4000:]
+
+
 def test_two_node_job_requeues_and_resumes_bit_exactly(slurm, jobs_dir, time_limit_job, reference_ws2_slurm):
     job = submit(slurm, jobs_dir, ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
                                    "--output=twonode-%j.out"], "multi_node.sbatch", SLURM_RUN)
