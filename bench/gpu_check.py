@@ -3,6 +3,7 @@
     python bench/gpu_check.py                          # all visible GPUs (and 1), resnet18
     DEVICE=cpu MODEL=net python bench/gpu_check.py     # the same checks on CPU (1 and 2 ranks, gloo)
     LOGS=DIR python bench/gpu_check.py                 # keep the runs' logs and checkpoints in DIR
+    PRECISIONS=fp32,fp16 python bench/gpu_check.py     # only these cases (fp32, loader, bf16, fp16)
 
 For each world size (1, and the number of visible GPUs) and each precision (fp32, bf16, fp16 with
 a GradScaler; fp16 on CUDA only), and in fp32 with the DataLoader path too (whose result must also
@@ -177,6 +178,8 @@ def main() -> int:
     print(f"torch {torch.__version__}, device {DEVICE}, "
           f"{torch.cuda.get_device_name(0) if DEVICE == 'cuda' else 'cpu'}, {visible} visible, model {MODEL}")
     precisions = ["fp32", "loader", "bf16"] + (["fp16"] if DEVICE == "cuda" else [])
+    if os.environ.get("PRECISIONS"):  # a subset, e.g. PRECISIONS=fp32,fp16 where device time is short
+        precisions = [p for p in precisions if p in os.environ["PRECISIONS"].split(",")]
     ok, started = True, time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(os.environ.get("LOGS") or tmp)  # LOGS=DIR keeps the runs' logs and checkpoints
