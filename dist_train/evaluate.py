@@ -23,6 +23,7 @@ from dist_train.models import build_model, strip_wrapper_prefixes
 from dist_train.state import check_model_fits
 
 DATASETS = next(f.metadata["choices"] for f in dataclasses.fields(Config) if f.name == "dataset")
+STORED_FIELDS = ("model", "dataset", "data_dir", "fake_size")  # what evaluation takes from the checkpoint
 
 
 def parse_args(argv):
@@ -44,12 +45,16 @@ def evaluate_checkpoint(args) -> tuple[Path, float, float, int]:
     path, checkpoint = resolve_checkpoint(args.checkpoint, map_location=device)
     overrides = {k: v for k, v in vars(args).items()
                  if k in ("dataset", "data_dir", "fake_size", "batch_size", "num_workers") and v is not None}
-    known = {f.name for f in dataclasses.fields(Config)}
-    stored = {k: v for k, v in checkpoint.get("config", {}).items() if k in known}
+    stored = {k: v for k, v in checkpoint.get("config", {}).items() if k in STORED_FIELDS and k not in overrides}
+    defaults = Config()
+    for key, value in stored.items():  # a file of other code: its checksums agree all the same
+        if type(value) is not type(getattr(defaults, key)) or (key == "dataset" and value not in DATASETS):
+            flag = f"; pass --{key.replace('_', '-')}" if key != "model" else ""
+            raise CheckpointError(f"{path}: its configuration's {key} is {value!r}, not one this code reads{flag}")
     # Evaluation runs in fp32 on the device chosen here and logs nowhere: the training's AMP mode,
     # device and wandb settings do not apply (a run trained with --amp fp16 and wandb on a GPU is
     # evaluated on a CPU-only machine without wandb as well).
-    config = dataclasses.replace(Config(**stored), **overrides, amp="off", device=device.type, wandb_project=None)
+    config = dataclasses.replace(defaults, **stored, **overrides, amp="off", device=device.type)
     validate(config)
 
     model = build_model(config.model).to(device)

@@ -314,6 +314,22 @@ def test_evaluate_names_a_layer_of_another_size(reference_ws1, tmp_path, capsys)
     assert "another architecture than Net: fc3.bias is [7] in the checkpoint, [10] here" in err
 
 
+@pytest.mark.parametrize("patch, code, message", [
+    ({"seed": "s"}, 0, "test loss"),  # not needed to evaluate: its type was a traceback (validate)
+    ({"model": 5}, 2, "its configuration's model is 5, not one this code reads"),
+    ({"dataset": "imagenet"}, 2, "its configuration's dataset is 'imagenet', not one this code reads; pass --dataset"),
+    ({"fake_size": "x"}, 2, "its configuration's fake_size is 'x', not one this code reads; pass --fake-size"),
+])
+def test_evaluate_takes_only_what_it_needs_from_a_checkpoints_configuration(reference_ws1, tmp_path, capsys,
+                                                                            patch, code, message):
+    """A checkpoint written by other code (its checksums then agree) with odd configuration values."""
+    checkpoint = torch.load(reference_ws1 / "checkpoints" / "step_000000048.pt", weights_only=True)
+    checkpoint["config"].update(patch)
+    torch.save(checkpoint, tmp_path / "step_000000048.pt")
+    got, out, err = run_cli(["evaluate", str(tmp_path / "step_000000048.pt")], capsys)
+    assert got == code and message in out + err and "Traceback" not in err, err
+
+
 def test_inspect_and_evaluate_refuse_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello\n")
     for command in (["inspect"], ["evaluate"], ["export", "--out", str(tmp_path / "w.pt")], ["compare", str(tmp_path / "notes.txt")]):
