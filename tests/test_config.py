@@ -18,6 +18,7 @@ from conftest import REPO, newest_checkpoint, python_env, run
 
 from dist_train import exits
 from dist_train.config import EXACTNESS_FIELDS, HARMLESS_FIELDS, Config, UserError, parse_config
+from dist_train.distributed import why_no_cuda
 from dist_train.loop import build_scheduler
 from dist_train.preemption import StopFlag
 from dist_train.state import Progress, Training, apply_optimizer_settings, place_schedule, rescale_progress
@@ -260,7 +261,8 @@ def test_a_device_that_is_not_here_is_refused_before_the_run_directory(tmp_path,
     directory, its lock and checkpoints/ before saying so."""
     run_dir = tmp_path / "run"
     assert main(["--dataset", "fake", "--device", "cuda", "--run-dir", str(run_dir)], StopFlag()) == exits.USER_ERROR
-    assert capsys.readouterr().err == "error: --device cuda was asked for but CUDA is not available here; use --device cpu\n"
+    assert capsys.readouterr().err == (f"error: --device cuda was asked for but CUDA is not available here "
+                                       f"({why_no_cuda()}); use --device cpu\n")
     assert not run_dir.exists()
 
 
