@@ -156,6 +156,9 @@ def check_contents(path: Path, checkpoint) -> None:
             raise CheckpointError(f"{path}: not a dist_train checkpoint, {key} is {checkpoint[key]!r}")
     if type(checkpoint["loss"]) not in (float, int):
         raise CheckpointError(f"{path}: not a dist_train checkpoint, loss is {checkpoint['loss']!r}")
+    if not isinstance(checkpoint.get("environment", {}), dict):
+        raise CheckpointError(f"{path}: not a dist_train checkpoint, environment is "
+                              f"{type(checkpoint['environment']).__name__}")
     for key, kind in (("config", dict), ("rng_states", list)):
         if not isinstance(checkpoint.get(key), kind):
             raise CheckpointError(f"{path}: not a dist_train checkpoint, {key} is {type(checkpoint.get(key)).__name__}")

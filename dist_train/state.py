@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import math
 import os
@@ -52,10 +54,24 @@ def to_cpu(tree):
 
 def capture_environment(device: torch.device) -> dict:
     """What a bit-exact resume needs beyond the configuration: CPU kernels give other bits with
-    another thread count, and kernels differ between devices, determinism modes and torch versions."""
+    another thread count, and kernels differ between devices, determinism modes and torch versions.
+    And the code itself (code_digest): every rank must run the same, a resume is told when it changed."""
     return {"num_threads": torch.get_num_threads(), "device_type": device.type,
             "deterministic": torch.are_deterministic_algorithms_enabled(),
-            "torch_version": str(torch.__version__)}
+            "torch_version": str(torch.__version__), "code_digest": code_digest()}
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """A digest of dist_train's own .py files, read once. A template is edited between launches:
+    a resume by other code is bit for bit only where the edit leaves training alone, which no
+    check can tell, so a changed digest is a warning at the resume (train.resume); across ranks at
+    start it is a difference like any other (a node with a stale copy of the code)."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(f"{path.relative_to(root).as_posix()}\0".encode() + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def build_checkpoint(training: Training, progress: Progress, loss: float, rng_states: list[dict],

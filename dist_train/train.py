@@ -30,8 +30,8 @@ from dist_train.preemption import (INTERRUPT, NONE, REQUEUE, TERMINATE, SaveCloc
 from dist_train.rundir import check_config_file, last_launch_config, prepare_run_dir, write_config_file
 from dist_train.rng import restore_rng_of_rank, rng_state_at_step, seed_everything, seed_step
 from dist_train.state import (Progress, Training, apply_checkpoint, apply_optimizer_settings, build_checkpoint,
-                              capture_environment, choose_resume_checkpoint, overflow_skipped, place_schedule,
-                              rescale_progress, save_training_state, to_cpu, weights_are_finite)
+                              capture_environment, choose_resume_checkpoint, code_digest, overflow_skipped,
+                              place_schedule, rescale_progress, save_training_state, to_cpu, weights_are_finite)
 from dist_train.watchdog import AGREEING, EVALUATING, SAVING, SYNCING
 from dist_train.tracking import NullTracker, ProgressReport, build_tracker, check_wandb_dir, setup_logging
 
@@ -88,6 +88,10 @@ def resume(config: Config, env, training: Training, ckpt_dir: Path,
                         "--allow-config-change")
     for change in changes:
         log.warning("resuming with a changed setting (--allow-config-change): %s", change)
+    saved_code = checkpoint.get("environment", {}).get("code_digest")
+    if env.is_main and saved_code and saved_code != code_digest():
+        log.warning("dist_train's code changed since the checkpoint was written (digest %s -> %s): the resume "
+                    "is bit for bit only where the change leaves what is trained alone", saved_code, code_digest())
     progress = apply_checkpoint(checkpoint, training)
     # load_state_dict restored the saved lr, momentum and weight decay: the configured ones win.
     apply_optimizer_settings(training, config.lr, config.momentum, config.weight_decay)

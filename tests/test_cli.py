@@ -182,6 +182,23 @@ def test_allow_config_change_goes_on_and_says_so(reference_ws1, tmp_path, capsys
     assert newest_checkpoint(run_dir)["global_step"] == 72
 
 
+def test_a_resume_by_changed_code_says_so(reference_ws1, tmp_path, capsys, restore_signals):
+    """The template is edited between launches: bits are the same only where the edit leaves
+    training alone, which nothing can check; a checkpoint records a digest of dist_train's code,
+    and the resume says when it differs (a warning: an edited comment changes it too)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_ws1, run_dir)
+    newest = run_dir / "checkpoints" / "step_000000048.pt"
+    checkpoint = torch.load(newest, weights_only=True)
+    assert len(checkpoint["environment"]["code_digest"]) == 16
+    checkpoint["environment"]["code_digest"] = "0" * 16
+    torch.save(checkpoint, newest)
+    code, _, err = run_cli(["train", *SMALL_RUN, "--run-dir", str(run_dir), "--epochs", "3", "--allow-config-change",
+                            "--no-eval"], capsys)
+    assert code == 0 and "dist_train's code changed since the checkpoint was written (digest 0000000000000000 -> " in err
+    assert err.count("code changed") == 1, err
+
+
 BAD_INPUTS = {
     "unknown model": (["--model", "resnet9000"], "unknown model 'resnet9000'"),
     "unknown dataset": (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),

@@ -85,15 +85,19 @@ if os.environ["RANK"] == "1":
     if os.environ.get("RANK_1_THREADS"):
         import torch
         torch.set_num_threads(int(os.environ["RANK_1_THREADS"]))
+    if os.environ.get("RANK_1_CODE"):  # a node with another copy of the code
+        import dist_train.state
+        dist_train.state.code_digest = lambda: os.environ["RANK_1_CODE"]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("flags, threads, named", [
-    ("--lr 0.02", "", "lr: 0.01 on rank 0, 0.02 on rank 1"),
-    ("", "2", "thread count (torch.get_num_threads): 1 on rank 0, 2 on rank 1"),
+@pytest.mark.parametrize("flags, threads, code, named", [
+    ("--lr 0.02", "", "", "lr: 0.01 on rank 0, 0.02 on rank 1"),
+    ("", "2", "", "thread count (torch.get_num_threads): 1 on rank 0, 2 on rank 1"),
+    ("", "", "0123456789abcdef", "'0123456789abcdef' on rank 1"),  # code_digest: a stale copy on its node
 ])
-def test_a_rank_that_runs_with_other_settings_than_the_main_rank_is_refused(tmp_path, flags, threads, named):
+def test_a_rank_that_runs_with_other_settings_than_the_main_rank_is_refused(tmp_path, flags, threads, code, named):
     """Each rank parses its own command line, config file and environment. A rank with another lr
     (a node that read another copy of the config file) trained its replica with it, silently: DDP
     averages gradients, not weights, and only the main rank's weights are saved. A rank with
@@ -102,7 +106,8 @@ def test_a_rank_that_runs_with_other_settings_than_the_main_rank_is_refused(tmp_
     script.write_text(RANK_1_DIFFERS)
     run_dir = tmp_path / "run"
     args = [str(TRAIN), *SMALL_RUN, "--num-workers", "0", "--run-dir", str(run_dir)]
-    out = run(args, nproc=2, script=script, check=False, env_extra={"RANK_1_FLAGS": flags, "RANK_1_THREADS": threads})
+    rank_1 = {"RANK_1_FLAGS": flags, "RANK_1_THREADS": threads, "RANK_1_CODE": code}
+    out = run(args, nproc=2, script=script, check=False, env_extra=rank_1)
     # torchrun exits 1 when a worker fails, and reports the workers' exit code
     assert out.returncode == 1 and f"(exitcode: {exits.USER_ERROR})" in out.stdout, out.stdout[-3000:]
     (line,) = [line for line in out.stdout.splitlines() if line.startswith("error:")]
