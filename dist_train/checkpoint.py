@@ -168,8 +168,7 @@ def check_contents(path: Path, checkpoint) -> None:
                               f"for world size {checkpoint['world_size']}")
     for rank, state in enumerate(states):
         if problem := rng_state_problem(state):
-            raise CheckpointError(f"{path}: not a dist_train checkpoint, rng_states of rank {rank}"
-                                  f"{'' if problem.startswith(':') else ' '}{problem}")
+            raise CheckpointError(f"{path}: not a dist_train checkpoint, rng_states of rank {rank}{problem}")
     step = step_in_name(path)
     if step is not None and step != checkpoint["global_step"]:
         # Resuming from it would retrain from the wrong step, and a requeue chain would loop.

@@ -67,13 +67,14 @@ def _as_checkpoint_values(python: tuple, numpy: tuple, torch_state: torch.Tensor
 
 
 def rng_state_problem(state) -> str | None:
-    """What keeps `state` from being one rank's capture_rng_state(), or None. The lengths are
-    those of the generators: a state of another length fails in setstate, after the weights loaded."""
+    """What keeps `state` from being one rank's capture_rng_state() (to follow "rng_states of rank
+    N"), or None. The lengths are those of the generators: a state of another length fails in
+    setstate, after the weights loaded."""
     if not isinstance(state, dict):
-        return f"is not an RNG state ({type(state).__name__})"
+        return f" is not an RNG state ({type(state).__name__})"
     for key in ("python", "numpy", "torch", "cuda"):
         if key not in state:
-            return f"is not an RNG state (no {key})"
+            return f" is not an RNG state (no {key})"
     py, npy = state["python"], state["numpy"]
     if not (isinstance(py, dict) and isinstance(py.get("version"), int) and _int64_vector(py.get("state"), 625)
             and (py.get("gauss") is None or isinstance(py.get("gauss"), float))):

@@ -168,10 +168,9 @@ def check_optimizer_fits(saved, optimizer: torch.optim.Optimizer) -> None:
         raise UserError(f"the checkpoint's optimizer state does not fit: {len(saved_sizes)} parameter groups of "
                         f"{', '.join(map(str, saved_sizes))} parameters, {kind} has {len(sizes)} of "
                         f"{', '.join(map(str, sizes))}")
-    theirs, ours = set(saved_groups[0]) - set(groups[0]), set(groups[0]) - set(saved_groups[0])
-    if theirs and ours:  # a torch version that adds a setting adds to one side only
-        raise UserError(f"the checkpoint's optimizer state is another optimizer's (its settings "
-                        f"{', '.join(sorted(theirs))}; {kind} has {', '.join(sorted(ours))})")
+    if differ := _another_kind(saved_groups[0], groups[0]):
+        raise UserError(f"the checkpoint's optimizer state is another optimizer's (its settings {differ[0]}; "
+                        f"{kind} has {differ[1]})")
     names = [name for g in groups for name in g.get("param_names", [None] * len(g["params"]))]
     for group, saved_group in zip(groups, saved_groups):
         if "param_names" in group and "param_names" in saved_group and group["param_names"] != saved_group["param_names"]:
@@ -198,10 +197,16 @@ def check_scheduler_fits(saved, scheduler) -> None:
     kind = type(scheduler).__name__
     if not isinstance(saved, dict):
         raise UserError(f"the checkpoint's learning-rate schedule is not a scheduler's state dict ({kind})")
-    theirs, ours = set(saved) - set(scheduler.state_dict()), set(scheduler.state_dict()) - set(saved)
-    if theirs and ours:
-        raise UserError(f"the checkpoint's learning-rate schedule is another kind (its state "
-                        f"{', '.join(sorted(theirs))}; {kind} has {', '.join(sorted(ours))})")
+    if differ := _another_kind(saved, scheduler.state_dict()):
+        raise UserError(f"the checkpoint's learning-rate schedule is another kind (its state {differ[0]}; "
+                        f"{kind} has {differ[1]})")
+
+
+def _another_kind(saved: dict, own: dict) -> tuple[str, str] | None:
+    """The keys only `saved` has and those only `own` has, where both sides have some: the state
+    of another kind of object (a torch version that adds a setting adds to one side only)."""
+    theirs, ours = set(saved) - set(own), set(own) - set(saved)
+    return (", ".join(sorted(theirs)), ", ".join(sorted(ours))) if theirs and ours else None
 
 
 def _shape(tensor: torch.Tensor) -> str:
