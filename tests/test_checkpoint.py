@@ -256,12 +256,12 @@ def test_a_file_whose_step_disagrees_with_its_name_is_broken(tmp_path):
 
 @pytest.mark.parametrize("key, value", [("global_step", "5"), ("next_batch", -1), ("world_size", 0),
                                         ("epoch", 1.0), ("next_epoch", True), ("loss", "low"),
-                                        ("config", None), ("rng_states", "state")])
+                                        ("config", None), ("rng_states", "state"), ("environment", "cpu")])
 def test_a_checkpoint_whose_counters_are_not_counts_is_refused(tmp_path, key, value):
     """Written by other code (its checksums then agree): a resume would do arithmetic on them."""
     checkpoint = trained_checkpoint(5) | {key: value}
     torch.save(checkpoint, tmp_path / "other.pt")
-    shown = type(value).__name__ if key in ("config", "rng_states") else repr(value)
+    shown = type(value).__name__ if key in ("config", "rng_states", "environment") else repr(value)
     with pytest.raises(CheckpointError, match=f"other.pt: not a dist_train checkpoint, {key} is {shown}"):
         load_checkpoint(tmp_path / "other.pt")
 

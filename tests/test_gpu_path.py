@@ -18,7 +18,8 @@ import torch
 from conftest import REPO, SMALL_RUN, Launch, assert_bitwise_equal, launch_command, newest_checkpoint, python_env
 from dist_train import cli, exits
 from dist_train.config import UserError
-from dist_train.distributed import RankError, nondeterministic_op, pick_device, use_deterministic_kernels
+from dist_train.distributed import (RankError, nondeterministic_op, pick_device, use_deterministic_kernels,
+                                   why_no_cuda)
 from dist_train.evaluate import main as evaluate_main
 from dist_train.models import GlobalAvgPool, build_model
 from dist_train.rng import capture_rng_state, restore_rng_state
@@ -59,6 +60,17 @@ def test_gpus_slurm_gave_that_torch_cannot_see_are_an_error_not_a_cpu_run():
                                         r"build\); training would run on the CPU: .*or pass --device cpu"):
         pick_device("auto", 0, 0, 4, why_no_cuda="a CPU-only build")
     assert pick_device("cpu", 0, 0, 4) == CPU  # asked for
+
+
+def test_why_torch_sees_no_gpu(monkeypatch):
+    """The reason in the line: a CPU-only wheel (no such wheel here: its torch.version.cuda is
+    None), GPUs hidden by an empty CUDA_VISIBLE_DEVICES, else no driver for this CUDA build."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", " ")
+    assert why_no_cuda() == "CUDA_VISIBLE_DEVICES is empty"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert why_no_cuda().endswith("no driver, or one too old for that CUDA")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert why_no_cuda() == f"torch {torch.__version__} is a CPU-only build"
 
 
 def test_a_gpu_job_whose_torch_sees_no_gpu_stops_before_the_run_directory(tmp_path):
