@@ -5,7 +5,9 @@
     LOGS=DIR python bench/gpu_check.py                 # keep the runs' logs and checkpoints in DIR
     PRECISIONS=fp32,fp16 python bench/gpu_check.py     # only these cases (fp32, loader, bf16, fp16)
 
-For each world size (1, and the number of visible GPUs) and each precision (fp32, bf16, fp16 with
+First the asynchronous writer alone: GPU tensors changed by kernels right after submit() must be
+saved as they were at submit(), and its shared memory must be page-locked. Then, for each world
+size (1, and the number of visible GPUs) and each precision (fp32, bf16, fp16 with
 a GradScaler; fp16 on CUDA only), and in fp32 with the DataLoader path too (whose result must also
 equal the default device path's): an uninterrupted torchrun run; a second run SIGKILLed whole
 (agent, ranks, loader workers) mid-run and relaunched; the resumed run must start at a step
@@ -170,6 +172,41 @@ def check(nproc: int, precision: str, work: Path) -> tuple[bool, str, str]:
         f"fresh / {peak_memory(resumed, 'after the resume')} resumed / {peak_memory(reference, 'of the whole run')} run"
 
 
+def check_async_snapshot(work: Path) -> tuple[bool, str]:
+    """The template's asynchronous writer (a process on Linux) saves the GPU tensors as they were
+    at submit(), though kernels change them right after it, and its copies off the GPU do not
+    block: the snapshot's memory is page-locked."""
+    sys.path.insert(0, str(REPO))
+    from dist_train.async_save import ProcessWriter, make_writer
+
+    writer = make_writer(DEVICE)  # as train.py makes it, before the model
+    kind = type(writer).__name__
+    tensors = {f"t{i}": torch.randn(1 << 20, device=DEVICE) for i in range(64)}  # 256 MB
+    expected = {name: t.cpu() for name, t in tensors.items()}
+    ckpt_dir = work / "snapshot"
+    ckpt_dir.mkdir()
+    problems, written = [], []
+    for attempt in range(3):  # the first lays the memory out and page-locks it
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        writer.submit({"tensors": tensors, "global_step": attempt}, ckpt_dir, 2, written.append)
+        submitted = time.perf_counter() - start
+        for t in tensors.values():  # queued behind the copies, as the next step's kernels are
+            t.mul_(2)
+        problem = writer.wait()
+        if problem or len(written) != attempt + 1:
+            problems.append(f"attempt {attempt}: {problem or 'no file'}")
+            break
+        saved = torch.load(written[-1], weights_only=True)
+        problems += [f"attempt {attempt}: {name} differs" for name in expected
+                     if not torch.equal(saved["tensors"][name], expected[name])]
+        expected = {name: t.cpu() for name, t in tensors.items()}
+    pinned = isinstance(writer, ProcessWriter) and writer.region._pinned is not None
+    writer.close()
+    detail = "; ".join(problems[:3]) or "exact"
+    return not problems and pinned, f"{kind}, page-locked {pinned}, {detail}; last submit() {submitted * 1e3:.1f} ms"
+
+
 def main() -> int:
     visible = torch.cuda.device_count() if DEVICE == "cuda" else 2
     if DEVICE == "cuda" and visible == 0:
@@ -184,6 +221,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(os.environ.get("LOGS") or tmp)  # LOGS=DIR keeps the runs' logs and checkpoints
         work.mkdir(parents=True, exist_ok=True)
+        if DEVICE == "cuda":
+            passed, detail = check_async_snapshot(work)
+            ok &= passed
+            print(f"{'PASS' if passed else 'FAIL'} asynchronous snapshot off the GPU: {detail}", flush=True)
         for nproc in sorted({1, visible}):
             for precision in precisions:
                 try:

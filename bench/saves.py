@@ -8,8 +8,8 @@
     number of bytes.
 (d) The loop time an asynchronous save costs (its submit(), the slowdown of the steps that run
     while the writer writes, any wait at the end), against dd+fsync of the same bytes; the writer
-    the template picks (a process on CPU, a thread on CUDA); on CPU a thread writer too, in the
-    same rounds, for comparison. Each step after a save is compared with the same step of a
+    the template picks (a process on Linux, CPU or CUDA), and a thread writer too, in the same
+    rounds, for comparison. Each step after a save is compared with the same step of a
     control stretch without a save, in the same round; medians per step over the rounds, and the
     figure's standard error (bootstrap over the rounds): a step's time varies by ~20% here, so
     two runs of 30 rounds may land ~0.1 dd+fsync apart.
@@ -78,7 +78,7 @@ def bench_saves(work: Path, model_name: str, rounds: int, steps: int) -> None:
     # process forked later shares the model's pages copy-on-write, and in one A/B run the steps
     # were then ~20% slower (resnet50: 626-644 ms against 519-558 ms), not once it came first.
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    writers = {"template": make_writer(device_type)}  # as the template picks: a process on CPU
+    writers = {"template": make_writer(device_type)}  # as the template picks: a process on Linux
     if not isinstance(writers["template"], ThreadWriter):
         writers["thread"] = ThreadWriter()  # for comparison, in the same rounds
     model, optimizer, step = training_state(model_name)
@@ -281,18 +281,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2,
                         help="training steps around each async save, at least (more if the write lasts longer);"
                              " (d) is a difference of two timings, and its noise grows with their length")
+    parser.add_argument("--figures", default="cdefg",
+                        help="which figures (letters), e.g. cd where device time is short")
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
     torch.set_num_threads(1)
     print(describe_machine())
-    for model in args.model:
+    if set("cd") & set(args.figures):
+        for model in args.model:
+            with tempfile.TemporaryDirectory() as tmp:
+                bench_saves(Path(tmp), model, args.rounds, args.steps)
+    if "e" in args.figures:
         with tempfile.TemporaryDirectory() as tmp:
-            bench_saves(Path(tmp), model, args.rounds, args.steps)
-    with tempfile.TemporaryDirectory() as tmp:
-        bench_resume(Path(tmp), args.model[0], args.resume_rounds)
-    bench_reads()
-    bench_agreement()
+            bench_resume(Path(tmp), args.model[0], args.resume_rounds)
+    if "f" in args.figures:
+        bench_reads()
+    if "g" in args.figures:
+        bench_agreement()
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     write_figures(args.json)
 

@@ -1,7 +1,7 @@
 """Asynchronous saves: a snapshot into host buffers, the write in the background.
 
 submit() copies every tensor of the checkpoint into host buffers that are reused from one save to
-the next, so that training may change the weights while the file is written. (The process writer
+the next, so that training may change the weights while the file is written. (On CPU the process writer
 copies the optimizer's parameters and state on a thread instead, while the next step's forward
 and backward run; that step's optimizer.step() waits for the copies: see ProcessWriter.defer.)
 The background writes, fsyncs, renames, moves `latest` and prunes, exactly as a synchronous save
@@ -10,18 +10,20 @@ At most one write is in flight: the next save waits for it, and so does every wa
 (a stop, the end of training, a survivor's save, an error).
 
 Two writers, one interface (defer, submit, failed, wait, close):
-- ProcessWriter (CPU training on Linux, the default there): a writer process of its own
-  (writer_process.py), since a thread's Python would hold the loop's GIL for 70-100 ms per
-  resnet50 save on 2 cores.
-- ThreadWriter (CUDA, or where fork/memfd are missing): a thread, the snapshot in pinned buffers,
-  copied from the GPU without blocking. Its GIL cost was not measured against a process on a
-  GPU (README, Known limits).
+- ProcessWriter (Linux, CPU or CUDA training): a writer process of its own (writer_process.py),
+  since a thread's Python would hold the loop's GIL for 70-100 ms per resnet50 save on 2 cores,
+  and on a GPU it slows a loop bound by kernel launches. On CUDA its shared memory is
+  page-locked, the copies off the GPU are queued on the stream, and a thread waits for them
+  (without the GIL) before it tells the process to write.
+- ThreadWriter (where fork/memfd are missing): a thread, the snapshot in pinned buffers, copied
+  from the GPU without blocking.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Callable
@@ -36,9 +38,9 @@ log = logging.getLogger(__name__)
 
 def make_writer(device_type: str) -> "ThreadWriter | ProcessWriter":
     """The writer for training on this device type (make it before any process group: it may fork)."""
-    if device_type == "cpu" and writer_process.available():
+    if device_type in ("cpu", "cuda") and writer_process.available():
         try:
-            return ProcessWriter()
+            return ProcessWriter(device_type)
         except OSError as error:  # no fork (a process limit), no memfd (a sandbox's seccomp filter)
             log.warning("checkpoints are written in a thread: no writer process (%s)", error)
     return ThreadWriter()
@@ -131,9 +133,16 @@ class ProcessWriter:
     """One write at a time in the writer process; the answer is collected by the main thread
     (on_saved runs there, at the first failed() or wait() after the write)."""
 
-    def __init__(self):
-        self.region = writer_process.SharedRegion()
+    def __init__(self, device_type: str = "cpu", quiet: bool | None = None):
+        self._cuda = device_type == "cuda"
+        self.region = writer_process.SharedRegion(pin=self._cuda)
         self._process = writer_process.WriterProcess(self.region.fd)
+        self.snapshot = Snapshot()  # a synchronous save's copies off the GPU (train.py's host_copy)
+        # quiet: the write keeps to one thread, as saving.save_checkpoint(background=True), where
+        # the loop needs the cores (the default for CPU training, or a GPU's loop with fewer than 4
+        # cores). Else it writes as fast as a save the loop waits for: on an H200 with 16 cores one
+        # thread took ~3x dd+fsync for resnet18, and a save 17 steps later waited for it.
+        self._quiet = not (self._cuda and len(os.sched_getaffinity(0)) >= 4) if quiet is None else quiet
         self._on_saved = None
         self._in_flight = False
         self._problem: str | None = None
@@ -146,7 +155,10 @@ class ProcessWriter:
         """The tensors of `optimizer` (its parameters, their state) change only in its step(): a
         snapshot copies them on a thread of its own while the next step's forward and backward run,
         and that step() first waits for the copies. The rest of a checkpoint (buffers such as
-        BatchNorm's statistics, which a forward changes) is copied before submit() returns."""
+        BatchNorm's statistics, which a forward changes) is copied before submit() returns.
+        On CUDA nothing is deferred: every copy is queued on the stream ahead of the next step."""
+        if self._cuda:
+            return
         self._optimizers.append(optimizer)
         optimizer.register_step_pre_hook(lambda *_: self.settle())
 
@@ -170,9 +182,15 @@ class ProcessWriter:
         if self._thread is not None:
             return self._thread.submit(checkpoint, ckpt_dir, keep, on_saved)
         self._on_saved, self._in_flight = on_saved, True
-        job = (self.region.size, skeleton, str(ckpt_dir), keep, saving.known_verdicts(ckpt_dir))
-        if left:
-            self._copier = threading.Thread(target=self._copy_and_send, args=(left, job), name="checkpoint-snapshot")
+        job = (self.region.size, skeleton, str(ckpt_dir), keep, saving.known_verdicts(ckpt_dir), self._quiet)
+        if self._cuda:  # the copies are queued on the stream: the thread waits for them, GIL released
+            copied = torch.cuda.Event()
+            copied.record()
+            finish = copied.synchronize
+        else:
+            finish = (lambda: copy_all(left)) if left else None
+        if finish is not None:
+            self._copier = threading.Thread(target=self._copy_and_send, args=(finish, job), name="checkpoint-snapshot")
             self._copier.start()
         else:
             try:
@@ -180,9 +198,9 @@ class ProcessWriter:
             except OSError as error:
                 self._finish(None, _gone(error))
 
-    def _copy_and_send(self, left, job) -> None:
+    def _copy_and_send(self, finish, job) -> None:
         try:
-            copy_all(left)
+            finish()
             self._process.send(job)
         except BaseException as error:  # reported by settle(), on the main thread
             self._copier_error = error
@@ -244,6 +262,7 @@ class ProcessWriter:
         problem = self.wait()
         self._process.stop()
         self._process = None
+        self.region.close()
         if problem:
             log.error("%s", problem)
 

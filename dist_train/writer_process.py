@@ -17,10 +17,12 @@ finishing behind a relaunch. It ignores the signals the run handles (SIGTERM, SI
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import signal
 import socket
+import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -31,6 +33,8 @@ from dist_train import processes
 from dist_train.checkpoint import map_leaves, tensors
 from dist_train.preemption import HANDLED_BY_THE_RANK
 from dist_train.saving import known_verdicts, learn_verdicts, wait_for_pruning, write_checkpoint
+
+log = logging.getLogger(__name__)
 
 _ALIGN = 64  # bytes: every tensor starts on a cache line
 
@@ -47,16 +51,19 @@ class SharedRegion:
     and dtypes stay the same, as they do from one save of a run to the next; another grows the
     file. Reuse is safe: the next snapshot is taken only once the previous write is over."""
 
-    def __init__(self):
+    def __init__(self, pin: bool = False):
         self.fd = os.memfd_create("dist_train-snapshot")
         self.size = 0
+        self._pin = pin  # page-locked for CUDA (cudaHostRegister), so that copies off the GPU do not block
+        self._pinned: torch.Tensor | None = None  # the whole mapping, while it is registered
         self._specs: list | None = None
         self._offsets: list[int] = []
         self._buffers: list[torch.Tensor] = []
 
     def copy_in(self, tree, later=lambda tensor: False):
         """Copy the tree's tensors into the region, but those for which later(tensor) holds: the
-        tree with a Slot in place of each tensor, and the copies left to make as (buffer, source)."""
+        tree with a Slot in place of each tensor, and the copies left to make as (buffer, source).
+        Copies from a GPU are only queued on the current stream: record an event after them."""
         sources = list(tensors(tree))
         specs = [(tuple(t.shape), t.dtype) for t in sources]
         if specs != self._specs:
@@ -66,19 +73,60 @@ class SharedRegion:
             if later(source):
                 left.append((buffer, source.detach()))
             else:
-                buffer.copy_(source.detach())
+                buffer.copy_(source.detach(), non_blocking=source.is_cuda)
         slots = iter(Slot(offset, shape, dtype) for offset, (shape, dtype) in zip(self._offsets, specs))
         return map_leaves(tree, lambda _: next(slots)), left
 
     def _lay_out(self, specs) -> None:
         self._offsets, size = layout(specs)
         if size > self.size:
+            size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages, as page-locking takes them
             os.ftruncate(self.fd, size)
             self.size = size
         self._buffers = []  # the old views go before their mapping
+        self._unpin()
         region = mmap.mmap(self.fd, self.size) if self.size else None
         self._buffers = [over(region, offset, shape, dtype) for offset, (shape, dtype) in zip(self._offsets, specs)]
         self._specs = specs
+        if self._pin and region is not None:
+            self._pinned = page_lock(region)
+
+    def close(self) -> None:
+        """Unlock the memory before it is unmapped: CUDA keeps a registration past the unmapping,
+        and a later mapping at the same address then fails every kernel after it (seen on an H200:
+        'resource already mapped')."""
+        self._buffers, self._specs = [], None
+        self._unpin()
+        os.close(self.fd)
+
+    def _unpin(self) -> None:
+        if self._pinned is not None:
+            base, self._pinned = self._pinned.data_ptr(), None
+            on_this_gpu(lambda: torch.cuda.cudart().cudaHostUnregister(base))
+
+
+def page_lock(region: mmap.mmap) -> torch.Tensor | None:
+    """Page-lock a mapping for CUDA, as torch's own staging of shared memory does; None where the
+    driver refuses (copies off the GPU then block, and stay correct). The tensor keeps it mapped."""
+    whole = torch.frombuffer(region, dtype=torch.uint8)
+    error = on_this_gpu(lambda: int(torch.cuda.cudart().cudaHostRegister(whole.data_ptr(), whole.numel(), 1)))
+    if error:  # 1: cudaHostRegisterPortable
+        log.warning("copies off the GPU for a checkpoint block the loop: its shared memory could not be "
+                    "page-locked (cudaError %d)", error)
+        return None
+    return whole
+
+
+def on_this_gpu(call):
+    """call() in a thread of its own, on this thread's GPU: a CUDA error it meets stays that
+    thread's last error (each host thread has one), never one the training thread's next kernel
+    launch check would raise; and no context is made on GPU 0 for a rank that trains on another."""
+    device, result = torch.cuda.current_device(), []
+    thread = threading.Thread(target=lambda: (torch.cuda.set_device(device), result.append(call())),
+                              name="checkpoint-pin")
+    thread.start()
+    thread.join()
+    return result[0] if result else -1
 
 
 @dataclass(frozen=True)
@@ -168,13 +216,13 @@ def _serve(conn: Connection, region_fd: int, parent_pid: int) -> None:
                 break
             if message is None:
                 break
-            size, checkpoint, ckpt_dir, keep, verdicts = message
+            size, checkpoint, ckpt_dir, keep, verdicts, background = message
             learn_verdicts(verdicts)
             if size != mapped:
                 region, mapped = (mmap.mmap(region_fd, size) if size else None), size
             checkpoint = map_leaves(checkpoint, lambda slot: over(region, slot.offset, slot.shape, slot.dtype), Slot)
             try:
-                path, problem = write_checkpoint(checkpoint, Path(ckpt_dir), keep, background=True)
+                path, problem = write_checkpoint(checkpoint, Path(ckpt_dir), keep, background=background)
                 wait_for_pruning()
             except BaseException as error:  # told to the parent, as a failed thread's would be
                 path, problem = None, f"could not save a checkpoint: {error}"

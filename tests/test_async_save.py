@@ -34,15 +34,17 @@ def a_checkpoint(step: int, width: int = 1000) -> dict:
             "rng_states": [{"cpu": torch.get_rng_state()}], "global_step": step, "format_version": 1}
 
 
-def test_the_writer_process_writes_what_a_synchronous_save_writes_from_a_snapshot(tmp_path):
+@pytest.mark.parametrize("quiet", [True, False])
+def test_the_writer_process_writes_what_a_synchronous_save_writes_from_a_snapshot(tmp_path, quiet):
     """The synchronous save's file, although the tensors change as soon as submit() returns: the
     same records, each tensor's bytes the same, the same checkpoint loaded (the pickle itself may
     memoise a string differently, and torch draws a serialisation id per file). Then a larger
-    checkpoint (the shared memory grows) and a smaller one."""
+    checkpoint (the shared memory grows) and a smaller one. quiet: one thread writes (CPU
+    training), or two, as a synchronous save does (a GPU's loop, with cores to spare)."""
     sync_dir, async_dir = tmp_path / "sync", tmp_path / "async"
     sync_dir.mkdir()
     async_dir.mkdir()
-    writer = ProcessWriter()
+    writer = ProcessWriter(quiet=quiet)
     try:
         for step, width in ((1, 1000), (2, 3000), (3, 10)):
             checkpoint = a_checkpoint(step, width)
