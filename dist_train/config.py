@@ -113,12 +113,20 @@ class OneLineErrorParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default in --help, but not 'None': a flag without one says in its help what
+    happens then (--run-dir: runs/default, or one per SLURM job)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser(prog: str | None = None, add_help: bool = True) -> argparse.ArgumentParser:
     """An argparse parser generated from the Config fields, one flag per field."""
     parser = OneLineErrorParser(
         prog=prog, add_help=add_help,
         description="Train with DDP; relaunching the same command resumes bit-exactly.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--config", type=named, help="a TOML or YAML file of flag values (as key = value, with "
                                          "underscores); flags on the command line override it")

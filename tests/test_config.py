@@ -388,3 +388,13 @@ def test_environment_differences_name_each_change():
         f"deterministic algorithms: {saved['deterministic']!r} -> {now['deterministic']!r}",
         f"torch version: '2.13.0' -> {now['torch_version']!r}"]
     assert environment_differences(now, now) == []
+
+
+def test_help_shows_each_default_but_never_none():
+    """A flag without a default says in its help what happens then; '(default: None)' beside
+    --run-dir read as if runs went nowhere."""
+    from dist_train.config import build_parser
+    text = " ".join(build_parser(prog="train.py").format_help().split())
+    assert "default: None" not in text
+    assert "--keep KEEP number of newest checkpoints kept (default: 3)" in text
+    assert "SLURM array task, runs/JOBID for a SLURM job --model" in text
