@@ -8,7 +8,7 @@ Runs bench/throughput.py ((a) Net and resnet18, 1 and 2 ranks; (b) loaders) and 
 they go, then prints a markdown table of every figure: median (min-max) over interleaved rounds,
 each a ratio to a reference measured in the same round, and whether it meets its target. On a
 machine with a GPU the same command adds the device path's samples/s and peak memory, and the
-saves train on the GPU (the asynchronous snapshot then copies into pinned buffers).
+saves train on the GPU (the asynchronous snapshot then copies into page-locked shared memory).
 """
 
 from __future__ import annotations
