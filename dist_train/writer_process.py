@@ -100,9 +100,10 @@ class SharedRegion:
         os.close(self.fd)
 
     def _unpin(self) -> None:
-        if self._pinned is not None:
-            base, self._pinned = self._pinned.data_ptr(), None
+        if self._pinned is not None:  # unlocked, then unmapped (the tensor keeps the mapping)
+            base = self._pinned.data_ptr()
             on_this_gpu(lambda: torch.cuda.cudart().cudaHostUnregister(base))
+            self._pinned = None
 
 
 def page_lock(region: mmap.mmap) -> torch.Tensor | None:

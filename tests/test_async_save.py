@@ -18,7 +18,7 @@ from conftest import Launch, assert_bitwise_equal, newest_checkpoint, process_tr
 from test_run_faults import TINY, error_lines
 
 from dist_train import exits
-from dist_train import async_save
+from dist_train import async_save, writer_process
 from dist_train.async_save import ProcessWriter
 from dist_train.checkpoint import list_checkpoints
 from dist_train.rundir import RunDirLock
@@ -230,3 +230,66 @@ def test_a_signal_to_the_whole_job_stops_the_run_with_a_checkpoint(tmp_path):
     (saved,) = re.findall(r"saved checkpoint \S+ \(epoch \d+, step (\d+), stop requested by SIGTERM\)",
                           launch.output())
     assert newest_checkpoint(run_dir)["global_step"] == int(saved)
+
+
+class FakeCudart:
+    """torch.cuda.cudart() where there is no GPU: page-locking, as the driver would answer it,
+    with each call's thread and whether its address was mapped at the time."""
+
+    def __init__(self, refuse: bool = False):
+        self.refuse, self.calls = refuse, []
+
+    def cudaHostRegister(self, ptr, size, flags):  # noqa: N802 (CUDA's name)
+        self.calls.append(("register", ptr, threading.current_thread().name, is_mapped(ptr)))
+        return 1 if self.refuse else 0  # 1: cudaErrorInvalidValue
+
+    def cudaHostUnregister(self, ptr):  # noqa: N802
+        self.calls.append(("unregister", ptr, threading.current_thread().name, is_mapped(ptr)))
+        return 0
+
+
+def is_mapped(address: int) -> bool:
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        start, end = (int(part, 16) for part in line.split()[0].split("-"))
+        if start <= address < end:
+            return True
+    return False
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """The CUDA calls of the writer's page-locking, without a GPU (the only thing mocked)."""
+    def use(cudart: FakeCudart, devices: list):
+        monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+        monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    return use
+
+
+def test_page_locked_shared_memory_is_unlocked_before_it_is_unmapped(fake_gpu):
+    """CUDA keeps a registration past munmap, and a later mapping at the same address then failed
+    every kernel ('resource already mapped', on an H200): each mapping is unlocked while still
+    mapped, when the region grows and when it is closed; the calls run in a thread of their own
+    (a CUDA error stays that thread's) on the training thread's GPU."""
+    cudart, devices = FakeCudart(), []
+    fake_gpu(cudart, devices)
+    region = writer_process.SharedRegion(pin=True)
+    region.copy_in({"w": torch.ones(1000)})
+    region.copy_in({"w": torch.ones(1 << 20)})  # grows: a new mapping
+    region.close()
+    assert [call[0] for call in cudart.calls] == ["register", "unregister", "register", "unregister"]
+    assert cudart.calls[1][1] == cudart.calls[0][1] and cudart.calls[3][1] == cudart.calls[2][1]
+    assert all(mapped for *_, mapped in cudart.calls)
+    assert {thread for _, _, thread, _ in cudart.calls} == {"checkpoint-pin"}
+    assert devices == [3] * 4
+
+
+def test_memory_the_driver_will_not_page_lock_is_a_warning_and_the_snapshot_still_works(fake_gpu, caplog):
+    cudart, devices = FakeCudart(refuse=True), []
+    fake_gpu(cudart, devices)
+    region = writer_process.SharedRegion(pin=True)
+    skeleton, left = region.copy_in({"w": torch.arange(10.0)})
+    region.close()
+    assert [call[0] for call in cudart.calls] == ["register"]  # nothing registered: nothing to undo
+    assert "could not be page-locked (cudaError 1)" in caplog.text
+    assert skeleton["w"].shape == (10,) and left == []
