@@ -293,3 +293,39 @@ def test_memory_the_driver_will_not_page_lock_is_a_warning_and_the_snapshot_stil
     assert [call[0] for call in cudart.calls] == ["register"]  # nothing registered: nothing to undo
     assert "could not be page-locked (cudaError 1)" in caplog.text
     assert skeleton["w"].shape == (10,) and left == []
+
+
+def test_on_cuda_the_process_is_told_to_write_only_once_the_copies_off_the_gpu_are_done(fake_gpu, tmp_path,
+                                                                                        monkeypatch):
+    """The copies are queued on the stream and submit() returns at once; a thread waits for the
+    event recorded after them (held back here), and only then does the process write. Nothing is
+    deferred to the optimizer's step: the stream orders the copies before the next step's kernels."""
+    cudart, devices = FakeCudart(), []
+    fake_gpu(cudart, devices)
+    copied = threading.Event()
+
+    class HeldEvent:  # torch.cuda.Event, its copies "done" when the test says so
+        def record(self):
+            pass
+
+        def synchronize(self):
+            copied.wait()
+
+    monkeypatch.setattr(torch.cuda, "Event", HeldEvent)
+    model = torch.nn.Linear(30, 20)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    writer = ProcessWriter("cuda")
+    try:
+        writer.defer(optimizer)
+        assert not optimizer._optimizer_step_pre_hooks  # no wait added to the step on CUDA
+        checkpoint = a_checkpoint(1)
+        writer.submit(checkpoint, tmp_path, 2)
+        time.sleep(0.3)
+        assert writer.busy() and not list(tmp_path.iterdir())  # not a byte before the copies are done
+        copied.set()
+        assert writer.wait() is None
+        assert_bitwise_equal(torch.load(tmp_path / "step_000000001.pt", weights_only=True), checkpoint)
+    finally:
+        copied.set()
+        writer.close()
+    assert [call[0] for call in cudart.calls] == ["register", "unregister"]
