@@ -337,10 +337,13 @@ ENVIRONMENT_NAMES = {"num_threads": "thread count (torch.get_num_threads)", "dev
 
 
 def config_differences(saved: dict, saved_world_size: int, config: Config, world_size: int) -> list[str]:
-    """'name: saved -> now' for each setting that would break an exact resume."""
-    now = config.to_dict()
-    changes = [f"{key}: {saved[key]!r} -> {now[key]!r}" for key in sorted(EXACTNESS_FIELDS)
-               if key in saved and saved[key] != now[key]]
+    """'name: saved -> now' for each setting that would break an exact resume. A setting the saved
+    config lacks (written before it existed, or edited) is taken as its default, which is what the
+    code did before the setting existed."""
+    now, defaults = config.to_dict(), Config().to_dict()
+    changes = [f"{key}: {saved[key]!r} -> {now[key]!r}" if key in saved else
+               f"{key}: not recorded (the default, {defaults[key]!r}) -> {now[key]!r}"
+               for key in sorted(EXACTNESS_FIELDS) if saved.get(key, defaults[key]) != now[key]]
     if saved_world_size != world_size:
         changes.append(f"world size: {saved_world_size} -> {world_size}")
     return changes

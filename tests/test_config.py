@@ -398,3 +398,19 @@ def test_help_shows_each_default_but_never_none():
     assert "default: None" not in text
     assert "--keep KEEP number of newest checkpoints kept (default: 3)" in text
     assert "SLURM array task, runs/JOBID for a SLURM job --model" in text
+
+
+def test_a_setting_the_checkpoint_does_not_record_counts_as_its_default():
+    """A checkpoint whose config lacks an exactness setting (written before the setting existed,
+    or edited by hand: `config: {}`) was compared on the settings it had only, so a resume with
+    another lr or model went on silently. A missing setting is what the code did before it
+    existed, its default: the same now is no change, another value is one."""
+    from dist_train.config import config_differences
+    now = parse_config(["--lr", "0.05", "--model", "resnet18"])
+    saved = now.to_dict()
+    for key in ("lr", "model", "momentum"):
+        del saved[key]
+    assert config_differences(saved, 1, now, 1) == [
+        f"lr: not recorded (the default, {Config.lr!r}) -> 0.05",
+        "model: not recorded (the default, 'net') -> 'resnet18'"]  # momentum: the default now too
+    assert config_differences({}, 1, parse_config([]), 1) == []
