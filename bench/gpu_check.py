@@ -201,7 +201,7 @@ def check_async_snapshot(work: Path) -> tuple[bool, str]:
         problems += [f"attempt {attempt}: {name} differs" for name in expected
                      if not torch.equal(saved["tensors"][name], expected[name])]
         expected = {name: t.cpu() for name, t in tensors.items()}
-    pinned = isinstance(writer, ProcessWriter) and writer.region._pinned is not None
+    pinned = isinstance(writer, ProcessWriter) and writer.region.page_locked
     writer.close()
     detail = "; ".join(problems[:3]) or "exact"
     return not problems and pinned, f"{kind}, page-locked {pinned}, {detail}; last submit() {submitted * 1e3:.1f} ms"

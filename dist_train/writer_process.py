@@ -91,6 +91,10 @@ class SharedRegion:
         if self._pin and region is not None:
             self._pinned = page_lock(region)
 
+    @property
+    def page_locked(self) -> bool:
+        return self._pinned is not None
+
     def close(self) -> None:
         """Unlock the memory before it is unmapped: CUDA keeps a registration past the unmapping,
         and a later mapping at the same address then fails every kernel after it (seen on an H200:
@@ -122,12 +126,19 @@ def on_this_gpu(call):
     """call() in a thread of its own, on this thread's GPU: a CUDA error it meets stays that
     thread's last error (each host thread has one), never one the training thread's next kernel
     launch check would raise; and no context is made on GPU 0 for a rank that trains on another."""
-    device, result = torch.cuda.current_device(), []
-    thread = threading.Thread(target=lambda: (torch.cuda.set_device(device), result.append(call())),
-                              name="checkpoint-pin")
+    device, result = torch.cuda.current_device(), [-1]
+
+    def run() -> None:
+        try:
+            torch.cuda.set_device(device)
+            result[0] = call()
+        except Exception:  # as a refusal (-1), not a thread's traceback on stderr
+            pass
+
+    thread = threading.Thread(target=run, name="checkpoint-pin")
     thread.start()
     thread.join()
-    return result[0] if result else -1
+    return result[0]
 
 
 @dataclass(frozen=True)
